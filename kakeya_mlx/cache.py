@@ -1,0 +1,189 @@
+"""The bounded "attention sink + sliding window" KV cache of one session.
+
+The cache keeps the first `sink` tokens of a history and its most recent tokens:
+a committed part of at most `sink + window` tokens, advanced only in whole blocks
+of `block` tokens aligned to absolute history positions, and an uncommitted tail
+of fewer than `block` tokens computed on top of it. Positions are cache-relative
+(StreamingLLM): a token's RoPE position is its index in the cache, so no position
+ever reaches `sink + window + block`. When a completed block pushes the committed
+part past `sink + window`, the oldest window tokens are evicted and the survivors'
+keys are re-rotated down by the number evicted (see `rope.RopeSpec.shift`).
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.models.cache import create_attention_mask
+
+from .rope import RopeSpec
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Sizes of a sink+window cache, in tokens."""
+
+    sink: int
+    window: int
+    block: int
+
+    @property
+    def committed_limit(self) -> int:
+        return self.sink + self.window
+
+    @property
+    def bound(self) -> int:
+        """No cache-relative position reaches this."""
+        return self.sink + self.window + self.block
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, value_itemsize: int) -> int:
+    """Bytes one cached token takes over all layers: float32 keys plus values in the model's dtype."""
+    return num_layers * num_kv_heads * head_dim * (mx.float32.size + value_itemsize)
+
+
+class LayerKV:
+    """One layer's keys and values, behind the interface mlx-lm's attention calls.
+
+    Buffers grow in steps of one block up to the cache's bound and are written in
+    place, like mlx-lm's own `KVCache`, so live bytes stop growing once the window
+    is full. Keys are stored in float32 whatever the model computes in: a window
+    key is re-rotated once per eviction for as long as it survives, and rounding
+    each turn to bfloat16 would add up (linearly: ~10% of the key scale after 64
+    turns); in float32 the key is rounded to the model's dtype once, when read.
+    """
+
+    def __init__(self, capacity: int, step: int):
+        self.capacity = capacity
+        self.step = step
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def _reserve(self, needed: int, keys: mx.array, values: mx.array) -> None:
+        if self.keys is not None and needed <= self.keys.shape[2]:
+            return
+        if needed > self.capacity:
+            raise RuntimeError(f"cache position {needed} would pass the bound {self.capacity}")
+        size = min(self.capacity, -(-needed // self.step) * self.step)
+        B, H, _, Dk = keys.shape
+        new_k = mx.zeros((B, H, size, Dk), mx.float32)
+        new_v = mx.zeros((B, H, size, values.shape[3]), values.dtype)
+        if self.keys is not None:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        start = self.offset
+        self._reserve(start + keys.shape[2], keys, values)
+        self.offset = start + keys.shape[2]
+        self.keys[..., start : self.offset, :] = keys
+        self.values[..., start : self.offset, :] = values
+        return self.keys[..., : self.offset, :].astype(values.dtype), self.values[..., : self.offset, :]
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        return create_attention_mask(N, self.offset, return_array, window_size)
+
+    def evict(self, sink: int, count: int, rope: RopeSpec) -> None:
+        """Drop `count` tokens after the sink; turn the survivors' keys down by `count`."""
+        end = self.offset
+        survivors_k = rope.shift(self.keys[..., sink + count : end, :], -count)
+        survivors_v = self.values[..., sink + count : end, :]
+        self.keys[..., sink : end - count, :] = survivors_k
+        self.values[..., sink : end - count, :] = survivors_v
+        self.offset = end - count
+
+    def arrays(self) -> list:
+        return [] if self.keys is None else [self.keys, self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class SinkWindowCache:
+    """A session's cache: one `LayerKV` per layer plus the token bookkeeping.
+
+    `token_ids` lists the cached tokens in cache order; a cached token at index i
+    came from history position i if i < sink, else i + evicted.
+    """
+
+    def __init__(self, shape: CacheShape, ropes: list[RopeSpec]):
+        self.shape = shape
+        self.ropes = ropes
+        self.layers = [LayerKV(shape.bound, shape.block) for _ in ropes]
+        self.token_ids: list[int] = []
+        self.committed = 0
+        self.evicted = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tail(self) -> int:
+        """Tokens computed on top of the committed part, not yet a whole block."""
+        return self.length - self.committed
+
+    @property
+    def processed(self) -> int:
+        """History tokens that have gone through the cache, evicted ones included."""
+        return self.evicted + self.length
+
+    def room_in_block(self) -> int:
+        return self.shape.block - self.tail
+
+    def add_tail(self, token_ids: list[int]) -> None:
+        """Record tokens whose keys and values the model just wrote to every layer."""
+        self.token_ids.extend(token_ids)
+        if self.tail > self.shape.block:
+            raise RuntimeError("the uncommitted tail outgrew its block")
+
+    def drop_tail(self) -> list[int]:
+        """Forget the uncommitted tail (its keys are overwritten next); return its ids."""
+        dropped = self.token_ids[self.committed :]
+        del self.token_ids[self.committed :]
+        for layer in self.layers:
+            layer.offset = self.committed
+        return dropped
+
+    def commit_block(self) -> int:
+        """Commit a full tail as a block; evict down to sink + window. Returns tokens evicted."""
+        if self.tail != self.shape.block:
+            raise RuntimeError("only a whole block can be committed")
+        self.committed = self.length
+        excess = self.committed - self.shape.committed_limit
+        if excess <= 0:
+            return 0
+        sink = self.shape.sink
+        for layer, rope in zip(self.layers, self.ropes):
+            layer.evict(sink, excess, rope)
+        del self.token_ids[sink : sink + excess]
+        self.committed -= excess
+        self.evicted += excess
+        return excess
+
+    def arrays(self) -> list:
+        return [a for layer in self.layers for a in layer.arrays()]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the live key and value arrays of every layer."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def history_position(self, index: int) -> int:
+        return index if index < self.shape.sink else index + self.evicted
+
+    def check_invariants(self) -> None:
+        """INV-1 (token list matches K/V length on every layer) and INV-2 (positions bounded)."""
+        for i, layer in enumerate(self.layers):
+            if layer.offset != self.length:
+                raise AssertionError(
+                    f"INV-1: layer {i} holds {layer.offset} positions for {self.length} tokens"
+                )
+        if self.length > self.shape.bound - 1:
+            raise AssertionError(f"INV-2: {self.length} positions reach the bound {self.shape.bound}")
+        if self.committed > self.shape.committed_limit or self.tail >= self.shape.block:
+            raise AssertionError(
+                f"INV-2: committed {self.committed} / tail {self.tail} exceed sink+window / block"
+            )

@@ -1,0 +1,399 @@
+"""The engine's async API: sessions over shared weights, all MLX work on one thread.
+
+The asyncio side validates requests and keeps the session table; the compute
+thread owns every session's cache and history while it generates. A request that
+fails validation leaves its session exactly as it was.
+"""
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Union
+
+import mlx.core as mx
+
+from . import platform
+from .cache import CacheShape
+from .compute import ComputeThread
+from .errors import BusyError, InvalidArgumentError, NotFoundError
+from .events import DoneEvent, TokenEvent, TruncatedEvent
+from .loader import LoadedModel
+from .rope import layer_shifters
+from .sampling import SamplingParams
+from .session import GenerateRequest, Session, advance, generate
+
+Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
+
+# Lets a chat turn be rendered as a continuation: the template's output for
+# probe + new messages, minus its output for the probe alone.
+_PROBE = [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": "\x00"}]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Cache sizes and request limits. `window=None` fills the model's trained range up to 2048."""
+
+    sink: int = 4
+    window: Optional[int] = None
+    block: int = 64
+    max_append_tokens: int = 32768
+    max_new_tokens: int = 4096
+    # Recompute each completed block in one forward pass. Needed for exact
+    # chunking invariance only where the backend's forward pass is not
+    # batch-invariant; None lets the platform decide.
+    recompute_blocks: Optional[bool] = None
+
+    def cache_shape(self, max_positions: int) -> CacheShape:
+        """Resolve the cache sizes against the model's trained range."""
+        if self.block < 1:
+            raise InvalidArgumentError(f"block={self.block}: must be >= 1")
+        if self.sink < 0:
+            raise InvalidArgumentError(f"sink={self.sink}: must be >= 0")
+        window = self.window
+        if window is None:
+            window = min(2048, max_positions) - self.sink - self.block
+        if window < self.block:
+            raise InvalidArgumentError(
+                f"window={window}: must be >= block ({self.block}) so a block can slide through it"
+            )
+        shape = CacheShape(self.sink, window, self.block)
+        if shape.bound > max_positions:
+            raise InvalidArgumentError(
+                f"sink + window + block = {shape.bound} exceeds the model's trained range of "
+                f"{max_positions} positions; cache-relative positions must stay inside it"
+            )
+        return shape
+
+
+class Engine:
+    """Sessions and generation over one loaded model."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.config = config
+        self.shape = config.cache_shape(loaded.max_position_embeddings)
+        self.ropes = layer_shifters(loaded.model, self.shape.bound)
+        self.recompute_blocks = (
+            config.recompute_blocks
+            if config.recompute_blocks is not None
+            else not platform.forward_is_batch_invariant()
+        )
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.counters = {"tokens_in": 0, "tokens_out": 0, "generations": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        self._sessions: dict[str, Session] = {}
+        self._thread = ComputeThread()
+        self._started = False
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self._started:
+            self._thread.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        """End every in-flight generation (stop reason "cancelled") and the compute thread."""
+        for session in self._sessions.values():
+            session.cancel_requested.set()
+        while any(s.generating for s in self._sessions.values()):
+            await asyncio.sleep(0.005)
+        if self._started:
+            await asyncio.to_thread(self._thread.stop)
+            self._started = False
+
+    async def _call(self, fn, *args):
+        return await asyncio.wrap_future(self._thread.call(fn, *args))
+
+    # ---- model -----------------------------------------------------------
+
+    def model_info(self) -> dict:
+        m = self.loaded
+        return {
+            "name": m.name,
+            "path": str(m.path),
+            "model_type": m.model_type,
+            "dtype": m.dtype,
+            "vocab_size": m.vocab_size,
+            "num_layers": m.num_layers,
+            "max_position_embeddings": m.max_position_embeddings,
+            "eos_token_ids": sorted(self.eos_token_ids),
+            "sink": self.shape.sink,
+            "window": self.shape.window,
+            "block": self.shape.block,
+            "kv_bytes_per_token": m.kv_bytes_per_token,
+            "has_chat_template": bool(m.chat_template),
+        }
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidArgumentError("text must be a string")
+        return await asyncio.to_thread(self._encode, text, add_special_tokens)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        self._check_token_ids(tokens, allow_empty=True)
+        return await asyncio.to_thread(self.loaded.tokenizer.decode, list(tokens))
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_messages(self, messages: list[dict], continuation: bool, add_generation_prompt: bool) -> str:
+        """Render chat messages with the model's template, as a continuation if asked."""
+        tokenizer = self.loaded.tokenizer
+        if not self.loaded.chat_template:
+            raise InvalidArgumentError("this model has no chat template; append text or tokens instead")
+
+        def render(msgs, gen):
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+        try:
+            if not continuation:
+                return render(messages, add_generation_prompt)
+            base = render(_PROBE, False)
+            full = render(_PROBE + messages, add_generation_prompt)
+        except Exception as exc:
+            raise InvalidArgumentError(f"the chat template could not render these messages: {exc}") from exc
+        if not full.startswith(base):
+            raise InvalidArgumentError(
+                "this model's chat template cannot render a continuation of a conversation; "
+                "append the turn as text or tokens instead"
+            )
+        return full[len(base) :]
+
+    # ---- sessions --------------------------------------------------------
+
+    def _get(self, session_id: str) -> Session:
+        if not isinstance(session_id, str):
+            raise InvalidArgumentError("session_id must be a string")
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFoundError(f"no session {session_id!r} (it was closed, evicted, or never existed)")
+        return session
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    async def create_session(self) -> str:
+        session_id = uuid.uuid4().hex[:16]
+        self._sessions[session_id] = Session(session_id, self.shape, self.ropes)
+        return session_id
+
+    async def close_session(self, session_id: str) -> None:
+        session = self._get(session_id)
+        session.cancel_requested.set()
+        while session.generating:
+            await asyncio.sleep(0.005)
+        self._sessions.pop(session_id, None)
+
+    async def session_info(self, session_id: str) -> dict:
+        return self._get(session_id).info()
+
+    def list_sessions(self) -> list[dict]:
+        return [s.info() for s in list(self._sessions.values())]
+
+    def session_history(self, session_id: str) -> list[int]:
+        return list(self._get(session_id).history)
+
+    def longest_prefix_session(self, tokens: list[int], among=None) -> tuple[Optional[str], int]:
+        """The idle session whose whole history is the longest prefix of `tokens`.
+
+        Histories only grow, so only a session whose entire history matches can be
+        extended by the rest of `tokens`. `among` limits the search to those ids.
+        Returns (session_id, history_length), or (None, 0).
+        """
+        best, best_len = None, 0
+        candidates = among if among is not None else list(self._sessions)
+        for session_id in candidates:
+            session = self._sessions.get(session_id)
+            if session is None or session.generating:
+                continue
+            n = len(session.history)
+            if best_len < n <= len(tokens) and session.history == tokens[:n]:
+                best, best_len = session_id, n
+        return best, best_len
+
+    def session_kv_bytes(self, session_id: str) -> int:
+        return self._get(session_id).cache.nbytes
+
+    def memory(self) -> dict:
+        """MLX's own memory counters, plus the bytes held by session caches."""
+        return {
+            "active_bytes": mx.get_active_memory(),
+            "peak_bytes": mx.get_peak_memory(),
+            "cache_bytes": mx.get_cache_memory(),
+            "kv_bytes": sum(s.cache.nbytes for s in list(self._sessions.values())),
+        }
+
+    def _check_token_ids(self, tokens, allow_empty: bool = False) -> None:
+        if not isinstance(tokens, (list, tuple)):
+            raise InvalidArgumentError("tokens must be a list of token ids")
+        if not tokens and not allow_empty:
+            raise InvalidArgumentError("tokens is empty: append at least one token")
+        if len(tokens) > self.config.max_append_tokens:
+            raise InvalidArgumentError(
+                f"{len(tokens)} tokens exceed max_append_tokens={self.config.max_append_tokens}"
+            )
+        vocab = self.loaded.vocab_size
+        for i, t in enumerate(tokens):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise InvalidArgumentError(f"tokens[{i}]={t!r} is not an integer token id")
+            if not 0 <= t < vocab:
+                raise InvalidArgumentError(f"tokens[{i}]={t} is outside the vocabulary [0, {vocab})")
+
+    async def append(
+        self,
+        session_id: str,
+        tokens: Optional[list[int]] = None,
+        text: Optional[str] = None,
+        messages: Optional[list[dict]] = None,
+        add_generation_prompt: bool = True,
+    ) -> dict:
+        """Append to a session's history; exactly one of tokens, text or messages.
+
+        The model runs over appended tokens at the next generate.
+        """
+        session = self._get(session_id)
+        given = [name for name, v in (("tokens", tokens), ("text", text), ("messages", messages)) if v is not None]
+        if len(given) != 1:
+            raise InvalidArgumentError(
+                f"give exactly one of tokens, text or messages (got {', '.join(given) or 'none'})"
+            )
+        if session.generating:
+            raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
+        if text is not None:
+            if not isinstance(text, str):
+                raise InvalidArgumentError("text must be a string")
+            if not text:
+                raise InvalidArgumentError("text is empty: append at least one character")
+            tokens = await asyncio.to_thread(self._encode, text, not session.history)
+        elif messages is not None:
+            _check_messages(messages)
+            rendered = self.render_messages(messages, bool(session.history), add_generation_prompt)
+            tokens = await asyncio.to_thread(self._encode, rendered, False)
+        self._check_token_ids(tokens)
+        if session.generating:  # a generate may have started while text was tokenized
+            raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
+        session.history.extend(int(t) for t in tokens)
+        session.last_used_at = time.time()
+        return {"appended": len(tokens), "history_length": len(session.history)}
+
+    async def prefill(self, session_id: str) -> dict:
+        """Run the pending history through the model now, without generating."""
+        session = self._get(session_id)
+        self._begin_turn(session)
+        try:
+            evicted = await self._call(lambda: sum(advance(self.loaded.model, session, self.recompute_blocks)))
+        finally:
+            session.generating = False
+        return {"evicted": evicted, "cached_tokens": session.cache.length}
+
+    def _begin_turn(self, session: Session) -> None:
+        if session.generating:
+            raise BusyError(f"session {session.id!r} is already generating; cancel it or wait for it to finish")
+        session.generating = True
+        session.cancel_requested.clear()
+        session.last_used_at = time.time()
+
+    # ---- generation ------------------------------------------------------
+
+    def _generate_request(self, session: Session, max_tokens, sampling, stop) -> GenerateRequest:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise InvalidArgumentError(f"max_tokens={max_tokens!r}: must be an integer")
+        if max_tokens < 1:
+            raise InvalidArgumentError(f"max_tokens={max_tokens}: must be >= 1")
+        if max_tokens > self.config.max_new_tokens:
+            raise InvalidArgumentError(
+                f"max_tokens={max_tokens} exceeds max_new_tokens={self.config.max_new_tokens}"
+            )
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidArgumentError("sampling must be a SamplingParams")
+        sampling.validate()
+        stop = list(stop or [])
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidArgumentError(f"stop entry {s!r}: must be a non-empty string")
+        if not session.history:
+            raise InvalidArgumentError(
+                f"session {session.id!r} has an empty history: append a prompt before generating"
+            )
+        return GenerateRequest(max_tokens, sampling, tuple(stop), self.eos_token_ids, time.perf_counter())
+
+    def generate(
+        self,
+        session_id: str,
+        max_tokens: int = 256,
+        sampling: SamplingParams = SamplingParams(),
+        stop: Optional[list[str]] = None,
+    ) -> AsyncIterator[Event]:
+        """Stream a turn's events; the last is always a DoneEvent.
+
+        Bad arguments, an unknown session or a busy one raise before any event.
+        Leaving the loop early cancels the generation and waits for it to end.
+        """
+        session = self._get(session_id)
+        request = self._generate_request(session, max_tokens, sampling, stop)
+        self._begin_turn(session)
+        return self._stream(session, request)
+
+    async def _stream(self, session: Session, request: GenerateRequest) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_item(item) -> None:
+            if item is None:
+                return
+            if isinstance(item, DoneEvent):
+                session.generating = False
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def on_error(exc: BaseException) -> None:
+            # The cache may hold a half-written step: rebuild it from the history,
+            # which is exact because the cache state is canonical.
+            session.cache = type(session.cache)(session.cache.shape, session.cache.ropes)
+            session.logits = None
+            session.generating = False
+            done = DoneEvent(stop_reason="error", error_code="internal", error_message=f"{type(exc).__name__}: {exc}")
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        steps = generate(self.loaded.model, self.loaded.tokenizer, session, request, self.recompute_blocks)
+        self._thread.add_stream(steps, on_item, on_error)
+        finished = False
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, DoneEvent):
+                    finished = True
+                    self._count(event)
+                    yield event
+                    return
+                yield event
+        finally:
+            if not finished:
+                session.cancel_requested.set()
+                while session.generating:
+                    await asyncio.sleep(0.002)
+            session.last_used_at = time.time()
+
+    def _count(self, done: DoneEvent) -> None:
+        c = self.counters
+        c["generations"] += 1
+        c["tokens_in"] += done.prompt_tokens
+        c["tokens_out"] += done.generated_tokens
+        c["prefill_s"] += max(0.0, done.ttft_s)
+        c["decode_s"] += max(0.0, done.total_s - done.ttft_s)
+
+    async def cancel(self, session_id: str) -> bool:
+        """Cancel the session's in-flight generation; False if none was running."""
+        session = self._get(session_id)
+        if not session.generating:
+            return False
+        session.cancel_requested.set()
+        return True
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgumentError("messages must be a non-empty list of {role, content} maps")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidArgumentError(f"messages[{i}] must be a map with string role and content")

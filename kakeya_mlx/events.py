@@ -1,0 +1,40 @@
+"""What a generation streams: token events, a truncation notice, and one final done event."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+STOP_REASONS = ("max_tokens", "eos", "stop_sequence", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it completed (empty while a character is partial)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class TruncatedEvent:
+    """The window slid during this turn: `evicted` more tokens left the model's view."""
+
+    evicted: int
+    total_evicted: int
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The last event of every generation."""
+
+    stop_reason: str
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_s: float = 0.0
+    text: str = ""
+    error_code: Optional[str] = None
+    error_message: Optional[str] = None
+    token_ids: list = field(default_factory=list, repr=False)

@@ -1,0 +1,43 @@
+"""Every difference between running on Metal, CUDA and the CPU backend lives here."""
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+
+def backend() -> str:
+    """"metal", "cuda" or "cpu": where MLX runs its work by default."""
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def default_compute_dtype_for_gguf() -> Optional[str]:
+    """Quantized matmuls are slow on MLX's CPU backend: dequantize there; keep 4-bit on GPUs."""
+    return "bfloat16" if backend() == "cpu" else None
+
+
+def forward_is_batch_invariant() -> bool:
+    """Whether a forward pass gives bit-identical rows however many tokens it runs at once.
+
+    True on MLX's CPU backend (checked by tests/test_determinism.py); GPU kernels
+    pick different reduction orders for different shapes, so there the engine
+    recomputes each completed block in one pass to keep the cache canonical.
+    """
+    return backend() == "cpu"
+
+
+def default_cache_dir() -> Path:
+    """Where converted models and other reusable files go (KAKEYA_HOME overrides)."""
+    if os.environ.get("KAKEYA_HOME"):
+        return Path(os.environ["KAKEYA_HOME"]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "kakeya"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "kakeya"

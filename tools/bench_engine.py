@@ -38,7 +38,8 @@ def log(msg: str) -> None:
 
 
 def filler_tokens(tokenizer, n: int, salt: int) -> list[int]:
-    text = " ".join(f"note {salt}.{i}: the window slides and the sink stays." for i in range(n))
+    # Each sentence is about a dozen tokens; encode only as many as needed.
+    text = " ".join(f"note {salt}.{i}: the window slides and the sink stays." for i in range(n // 8 + 1))
     ids = tokenizer.encode(text, add_special_tokens=False)
     while len(ids) < n:
         ids += ids

@@ -1,0 +1,59 @@
+"""The events a generate streams, as typed values."""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from kakeya_protocol import EventMessage
+
+from .errors import KakeyaError, error_from
+
+
+@dataclass(frozen=True)
+class TokensEvent:
+    """New tokens and the text they completed ("" while a character or a possible stop string is pending)."""
+
+    tokens: list[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class TruncatedEvent:
+    """The session's window slid: `evicted` tokens left the cache now, `total_evicted` so far."""
+
+    evicted: int
+    total_evicted: int
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The last event of every generate. `error` is set only when stop_reason is "error"."""
+
+    stop_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    cached_tokens: int
+    timings: dict = field(default_factory=dict)
+    error: Optional[KakeyaError] = None
+
+
+Event = Union[TokensEvent, TruncatedEvent, DoneEvent]
+
+
+def event_from(message: EventMessage) -> Optional[Event]:
+    """The typed event, or None for an event this client does not know (a newer daemon's)."""
+    data = message.data
+    if message.event == "tokens":
+        return TokensEvent(list(data["tokens"]), data["text"])
+    if message.event == "truncated":
+        return TruncatedEvent(data["evicted"], data["total_evicted"])
+    if message.event == "done":
+        error = data.get("error")
+        return DoneEvent(
+            stop_reason=data["stop_reason"],
+            prompt_tokens=data["prompt_tokens"],
+            generated_tokens=data["generated_tokens"],
+            cached_tokens=data["cached_tokens"],
+            timings=dict(data["timings"]),
+            error=error_from(error["code"], error["message"]) if error else None,
+        )
+    return None

@@ -1,0 +1,7 @@
+"""`python -m kakeya_daemon`: the same as `kakeya serve`."""
+
+import sys
+
+from .server import main
+
+sys.exit(main())

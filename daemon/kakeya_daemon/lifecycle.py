@@ -1,0 +1,159 @@
+"""Owning the socket path safely: a private directory, one daemon per socket, same-user peers only."""
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("kakeya.daemon")
+
+# sockaddr_un.sun_path holds 104 bytes on macOS and 108 on Linux, NUL included.
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message says why in one line."""
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create `directory` with mode 0700, or check an existing one is ours and not writable by others."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+        directory.chmod(0o700)  # mkdir's mode is filtered by the umask
+        return
+    except FileExistsError:
+        pass  # checked below
+    except OSError as exc:
+        raise StartError(f"cannot create socket directory {directory}: {exc.strerror}") from None
+    st = directory.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise StartError(f"socket directory {directory} exists and is not a directory")
+    if st.st_uid != os.getuid():
+        raise StartError(
+            f"socket directory {directory} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
+            "choose another --socket"
+        )
+    if st.st_mode & 0o022:
+        raise StartError(
+            f"socket directory {directory} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run 'chmod 700 {directory}' or choose another --socket"
+        )
+
+
+class SocketLock:
+    """An exclusive flock on <socket>.lock, held for the daemon's lifetime.
+
+    Whoever holds it owns the socket path, so checking for a live daemon and
+    taking over a stale socket cannot race with another daemon starting.
+    """
+
+    def __init__(self, socket_path: Path):
+        self.socket_path = socket_path
+        self.path = socket_path.with_name(socket_path.name + ".lock")
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise StartError naming the daemon that holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_pid(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise StartError(_already_serving(self.socket_path, holder)) from None
+                raise StartError(f"cannot lock {self.path}: {exc.strerror}") from None
+            # The previous owner unlinks the file on exit; if it did so after our
+            # open, we locked an orphan inode: start again on the new file.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (in that order, see acquire)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _already_serving(path: Path, pid: Optional[int]) -> str:
+    who = f" (pid {pid})" if pid else ""
+    return f"another kakeya daemon is already serving {path}{who}"
+
+
+def claim_socket_path(path: Path) -> None:
+    """With the lock held: refuse if something answers on `path`, remove a stale socket file."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise StartError(
+            f"socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow at most "
+            f"{MAX_SOCKET_PATH}: choose a shorter --socket"
+        )
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartError(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s left by a daemon that is gone", path)
+        path.unlink(missing_ok=True)
+        return
+    except OSError as exc:
+        raise StartError(f"cannot check the socket {path}: {exc.strerror or exc}") from None
+    finally:
+        probe.close()
+    # Something answers although nobody holds the lock (its lock file was removed).
+    raise StartError(_already_serving(path, None))
+
+
+def peer_credentials(sock: socket.socket) -> tuple[Optional[int], Optional[int]]:
+    """(uid, pid) of the process at the other end of a Unix socket; None where the OS won't say."""
+    if sys.platform.startswith("linux"):
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", raw)
+        return uid, pid
+    if sys.platform == "darwin":
+        sol_local, local_peercred, local_peerpid = 0, 0x001, 0x002
+        # struct xucred { u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[16]; }
+        raw = sock.getsockopt(sol_local, local_peercred, struct.calcsize("IIh2x16I"))
+        _version, uid = struct.unpack_from("II", raw)
+        try:
+            pid = struct.unpack("i", sock.getsockopt(sol_local, local_peerpid, 4))[0]
+        except OSError:
+            pid = None
+        return uid, pid
+    return None, None

@@ -8,6 +8,7 @@ fails validation leaves its session exactly as it was.
 import asyncio
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Union
 
@@ -333,9 +334,6 @@ class Engine:
         session = self._get(session_id)
         request = self._generate_request(session, max_tokens, sampling, stop)
         self._begin_turn(session)
-        return self._stream(session, request)
-
-    async def _stream(self, session: Session, request: GenerateRequest) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -355,8 +353,16 @@ class Engine:
             done = DoneEvent(stop_reason="error", error_code="internal", error_message=f"{type(exc).__name__}: {exc}")
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
+        # The work starts now, not at the first iteration, so a stream that is never
+        # read still ends its turn; dropping it unread cancels that turn.
         steps = generate(self.loaded.model, self.loaded.tokenizer, session, request, self.recompute_blocks)
         self._thread.add_stream(steps, on_item, on_error)
+        stream = self._stream(session, queue)
+        session.turn += 1
+        weakref.finalize(stream, _cancel_turn, session, session.turn)
+        return stream
+
+    async def _stream(self, session: Session, queue: asyncio.Queue) -> AsyncIterator[Event]:
         finished = False
         try:
             while True:
@@ -389,6 +395,12 @@ class Engine:
             return False
         session.cancel_requested.set()
         return True
+
+
+def _cancel_turn(session: Session, turn: int) -> None:
+    """Cancel a turn whose stream was dropped, unless a later turn has begun."""
+    if session.turn == turn and session.generating:
+        session.cancel_requested.set()
 
 
 def _check_messages(messages) -> None:

@@ -42,6 +42,7 @@ class Session:
         self.created_at = time.time()
         self.last_used_at = self.created_at
         self.generating = False
+        self.turn = 0  # counts generations, so a stale cancel cannot hit a later one
         self.cancel_requested = threading.Event()
 
     @property
@@ -121,7 +122,7 @@ def generate(
     """
     cache = session.cache
     cached_before = cache.processed
-    prompt_tokens = session.pending
+    pending_before = session.pending
     stream = TextStream(tokenizer, list(request.stop))
     pick = make_sampler(request.sampling)
     context = request.sampling.repetition_context
@@ -134,9 +135,13 @@ def generate(
 
     for evicted in advance(model, session, recompute):
         yield truncated(evicted) if evicted else None
+        # Pieces are whole blocks or tail, so stopping between them leaves the
+        # cache canonical; the rest of the prompt stays pending for the next turn.
+        if session.cancel_requested.is_set():
+            break
     t_prefilled = time.perf_counter()
 
-    token = pick(session.logits, session.history[-context:])
+    token = pick(session.logits, session.history[-context:]) if not session.pending else None
     for step in range(request.max_tokens):
         if session.cancel_requested.is_set():
             stop_reason = "cancelled"
@@ -177,6 +182,7 @@ def generate(
     t_first = t_first or t_end
     prefill_s = t_prefilled - request.started_at
     decode_s = t_end - t_first
+    prompt_tokens = pending_before - session.pending
     yield DoneEvent(
         stop_reason=stop_reason,
         prompt_tokens=prompt_tokens,

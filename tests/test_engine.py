@@ -323,3 +323,41 @@ def test_torch_is_never_imported(make_model):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+async def test_cancel_during_prefill_keeps_the_history_and_stays_exact(engine, loaded):
+    prompt = [(i * 13) % (loaded.vocab_size - 3) + 3 for i in range(500)]
+    sid = await engine.create_session()
+    await engine.append(sid, tokens=prompt)
+    stream = engine.generate(sid, max_tokens=5)
+    assert await engine.cancel(sid) is True
+    done = [e async for e in stream][-1]
+    assert done.stop_reason == "cancelled" and done.generated_tokens == 0
+    assert done.prompt_tokens < len(prompt)
+    info = await engine.session_info(sid)
+    assert info["history_length"] == len(prompt) and info["pending_tokens"] > 0
+    # The partly prefilled session continues exactly like a fresh one.
+    resumed = (await _events(engine, sid, max_tokens=8))[-1]
+    fresh_sid = await engine.create_session()
+    await engine.append(fresh_sid, tokens=prompt)
+    fresh = (await _events(engine, fresh_sid, max_tokens=8))[-1]
+    assert resumed.token_ids == fresh.token_ids
+    assert resumed.prompt_tokens == info["pending_tokens"]
+
+
+async def test_a_stream_dropped_unread_frees_its_session(engine):
+    import gc
+
+    sid = await _session_with(engine)
+    prompt_len = (await engine.session_info(sid))["history_length"]
+    stream = engine.generate(sid, max_tokens=150)
+    del stream
+    gc.collect()
+    for _ in range(2000):
+        if not (await engine.session_info(sid))["generating"]:
+            break
+        await asyncio.sleep(0.005)
+    done = (await _events(engine, sid, max_tokens=2))[-1]
+    assert done.stop_reason in ("max_tokens", "eos")
+    # The dropped turn was cancelled, not run to its 150 tokens.
+    assert (await engine.session_info(sid))["history_length"] - done.generated_tokens < prompt_len + 150

@@ -67,9 +67,13 @@ class DaemonConfig:
     max_append_tokens: int = _opt(32768, "most tokens one append may add")
     max_new_tokens: int = _opt(4096, "largest max_tokens a generate may ask for")
     log_level: str = _opt("info", "log verbosity: debug, info, warning or error")
-    http_host: str = _opt("127.0.0.1", "reserved for the HTTP front: address to listen on")
-    http_port: int = _opt(0, "reserved for the HTTP front: TCP port; 0 = off")
-    http_socket: str = _opt("", "reserved for the HTTP front: Unix socket path; empty = off")
+    http_host: str = _opt("127.0.0.1", "OpenAI-compatible HTTP front: address to listen on (keep it on loopback "
+                          "unless API keys are set)")
+    http_port: int = _opt(0, "OpenAI-compatible HTTP front: TCP port; 0 = off (the front is off by default)")
+    http_socket: str = _opt("", "OpenAI-compatible HTTP front: Unix socket path; empty = off")
+    http_api_keys: str = _opt("", "comma-separated bearer keys the HTTP front requires; empty = no auth")
+    http_max_body_bytes: int = _opt(1 << 20, "largest HTTP request body (bigger ones get 413)", kind="size")
+    http_max_sessions: int = _opt(8, "sessions the HTTP front keeps resident for cache reuse (LRU idle one closed)")
 
     def socket_path(self) -> Path:
         """The socket to serve: the configured path, else the platform default."""
@@ -104,6 +108,12 @@ class DaemonConfig:
         check("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         check("log_level", self.log_level in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS))
         check("http_port", 0 <= self.http_port <= 65535, "must be a TCP port (0 = off)")
+        check("http_max_body_bytes", self.http_max_body_bytes >= 1024, "must be >= 1 KiB")
+        check("http_max_sessions", self.http_max_sessions >= 1, "must be >= 1")
+
+    @property
+    def http_enabled(self) -> bool:
+        return bool(self.http_port or self.http_socket)
 
 
 def _type_word(f: dataclasses.Field) -> str:

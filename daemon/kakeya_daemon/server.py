@@ -40,6 +40,7 @@ from .admission import Admission
 from .config import AUTO_BUDGET_FRACTION, ConfigError, DaemonConfig, load_config
 from .lifecycle import SocketLock, StartError, claim_socket_path, ensure_private_dir, peer_credentials
 from .logs import setup_logging
+from .openai_http import HttpOptions, HttpServer, start_http
 from .stats import Stats, stats_reply
 
 log = logging.getLogger("kakeya.daemon")
@@ -193,6 +194,7 @@ class Daemon:
         self._loaded = loaded
         self._lock = SocketLock(self.socket_path)
         self._server: Optional[asyncio.AbstractServer] = None
+        self._http: Optional[HttpServer] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._handlers: set[asyncio.Task] = set()
         self._connections: set[Connection] = set()
@@ -244,7 +246,11 @@ class Daemon:
             await self.engine.start()
             self._server = await asyncio.start_unix_server(self._serve_connection, path=os.fspath(self.socket_path))
             os.chmod(self.socket_path, 0o600)
+            if self.config.http_enabled:
+                self._http = await self._start_http()
         except BaseException:
+            if self._server is not None:
+                self._server.close()
             if self.engine is not None:
                 await self.engine.stop()
             self._remove_socket()
@@ -266,6 +272,22 @@ class Daemon:
             f"{budget} bytes" if budget else "none",
         )
 
+    async def _start_http(self) -> HttpServer:
+        c = self.config
+        options = HttpOptions(
+            host=c.http_host,
+            port=c.http_port or None,
+            unix_socket=c.http_socket or None,
+            api_keys=tuple(k.strip() for k in c.http_api_keys.split(",") if k.strip()),
+            max_body_bytes=c.http_max_body_bytes,
+            max_sessions=c.http_max_sessions,
+        )
+        try:
+            return await start_http(self.engine, options, _HttpHooks(self))
+        except OSError as exc:
+            where = f"{c.http_host}:{c.http_port}" if c.http_port else c.http_socket
+            raise StartError(f"cannot serve the HTTP front on {where}: {exc.strerror or exc}") from exc
+
     def request_stop(self) -> None:
         """Begin a graceful shutdown (signal handlers and the shutdown method call this)."""
         if self._stop_task is None:
@@ -285,6 +307,8 @@ class Daemon:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._http is not None:
+            await self._http.stop()
         pending = [g.task for g in list(self._generations) if g.task is not None]
         for gen in list(self._generations):
             await self._cancel_generation(gen)
@@ -509,8 +533,12 @@ class Daemon:
     async def _detokenize(self, conn: Connection, params: dict) -> dict:
         return {"text": await self.engine.detokenize(params.get("tokens"))}
 
-    async def _stats(self, conn: Connection, params: dict) -> dict:
+    def stats_reply(self) -> dict:
+        """The `stats` method's reply; the HTTP front's /metrics reads the same."""
         return stats_reply(self.stats, self.engine, self.admission, self.engine.model_info()["name"])
+
+    async def _stats(self, conn: Connection, params: dict) -> dict:
+        return self.stats_reply()
 
     async def _shutdown(self, conn: Connection, params: dict) -> dict:
         log.info("conn %d: shutdown requested", conn.number)
@@ -739,6 +767,31 @@ class Daemon:
         for gen in [g for g in self._generations if g.session_id == sid]:
             cancelled = await self._cancel_generation(gen) or cancelled
         return {"cancelled": cancelled}
+
+
+class _HttpHooks:
+    """What the daemon lends its HTTP front: the same admission, memory budget and stats."""
+
+    def __init__(self, daemon: Daemon):
+        self._daemon = daemon
+
+    @contextlib.asynccontextmanager
+    async def generation_slot(self):
+        daemon = self._daemon
+        if daemon._stopping:
+            raise daemon.admission.reject("shutting_down", "the daemon is shutting down")
+        await daemon._check_memory()
+        await daemon.admission.acquire_generation()
+        try:
+            yield
+        finally:
+            daemon.admission.release_generation()
+
+    def stats(self) -> dict:
+        return self._daemon.stats_reply()
+
+    def count_rejection(self, reason: str) -> None:
+        self._daemon.admission.rejections[reason] += 1
 
 
 def _progress(message: str) -> None:

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help="model to load: a Hugging Face-layout folder, a GGUF file, or a known name (default: the daemon's)",
+        help="model to load: a Hugging Face-layout folder, a hub repo id in the local cache, or smollm2 (default: the daemon's)",
     )
     _prompt_options(p)
     p.set_defaults(func=cmd_run)

@@ -15,7 +15,6 @@ same time. Each repeat uses a fresh conversation, so turn 1 is always cold.
 """
 
 import argparse
-import asyncio
 import importlib.metadata
 import json
 import os
@@ -25,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -131,21 +131,19 @@ def run_bench(args) -> dict:
 
     ours_port, theirs_port = free_port(), free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Ours is the real daemon with its HTTP front on; its Unix socket sits in a private dir.
+    sock_dir = tempfile.mkdtemp(prefix="kakeya-bench-http-")
     ours_cmd = [
-        sys.executable,
-        "-m",
-        "tools.bench_http",
-        "--serve-ours",
-        "--port",
-        str(ours_port),
-        "--model",
-        path,
-        "--sink",
-        str(args.sink),
-        "--window",
-        str(args.window),
-        "--block",
-        str(args.block),
+        sys.executable, "-m", "kakeya_daemon",
+        "--model", path,
+        "--socket", os.path.join(sock_dir, "kakeya.sock"),
+        "--http-port", str(ours_port),
+        "--http-max-body-bytes", str(16 << 20),
+        "--sink", str(args.sink),
+        "--window", str(args.window),
+        "--block", str(args.block),
+        "--max-new-tokens", str(max(4096, args.max_tokens)),
+        "--log-level", "warning",
     ]
     if args.dtype:
         ours_cmd += ["--dtype", args.dtype]
@@ -243,24 +241,6 @@ def run_bench(args) -> dict:
     }
 
 
-async def serve_ours(args) -> None:
-    """Our side of the benchmark: the engine and the HTTP front, as the daemon runs them."""
-    from kakeya_daemon.openai_http import HttpOptions, start_http
-    from kakeya_mlx.engine import Engine, EngineConfig
-    from kakeya_mlx.loader import load_model
-
-    loaded = load_model(args.model, dtype=args.dtype)
-    engine = Engine(loaded, EngineConfig(sink=args.sink, window=args.window, block=args.block))
-    await engine.start()
-    server = await start_http(engine, HttpOptions(port=args.port, max_body_bytes=16 << 20))
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
-    await engine.stop()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="model name or path (default: the bundled smollm2)")
@@ -274,13 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="conversations timed per history length and side")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
     p.add_argument("--out", default="results/bench_http.json", help="where to write the JSON results")
-    p.add_argument("--serve-ours", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.serve_ours:
-        asyncio.run(serve_ours(args))
-        return 0
-
     result = run_bench(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -95,10 +95,11 @@ class Engine:
 
     async def stop(self) -> None:
         """End every in-flight generation (stop reason "cancelled") and the compute thread."""
-        for session in self._sessions.values():
+        sessions = list(self._sessions.values())
+        for session in sessions:
             session.cancel_requested.set()
-        while any(s.generating for s in self._sessions.values()):
-            await asyncio.sleep(0.005)
+        for session in sessions:
+            await _end_turn(session)
         if self._started:
             await asyncio.to_thread(self._thread.stop)
             self._started = False
@@ -181,9 +182,7 @@ class Engine:
 
     async def close_session(self, session_id: str) -> None:
         session = self._get(session_id)
-        session.cancel_requested.set()
-        while session.generating:
-            await asyncio.sleep(0.005)
+        await _end_turn(session)
         self._sessions.pop(session_id, None)
 
     async def session_info(self, session_id: str) -> dict:
@@ -375,9 +374,7 @@ class Engine:
                 yield event
         finally:
             if not finished:
-                session.cancel_requested.set()
-                while session.generating:
-                    await asyncio.sleep(0.002)
+                await _end_turn(session)
             session.last_used_at = time.time()
 
     def _count(self, done: DoneEvent) -> None:
@@ -395,6 +392,13 @@ class Engine:
             return False
         session.cancel_requested.set()
         return True
+
+
+async def _end_turn(session: Session) -> None:
+    """Cancel the session's generation, if any, and wait until the compute thread lets go of it."""
+    session.cancel_requested.set()
+    while session.generating:
+        await asyncio.sleep(0.002)
 
 
 def _cancel_turn(session: Session, turn: int) -> None:

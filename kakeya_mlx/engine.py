@@ -10,7 +10,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Union
+from typing import Optional, Union
 
 import mlx.core as mx
 
@@ -97,7 +97,8 @@ class Engine:
         """End every in-flight generation (stop reason "cancelled") and the compute thread."""
         sessions = list(self._sessions.values())
         for session in sessions:
-            session.cancel_requested.set()
+            if session.turn is not None:
+                session.turn.cancel()
         for session in sessions:
             await _end_turn(session)
         if self._started:
@@ -205,7 +206,7 @@ class Engine:
         candidates = among if among is not None else list(self._sessions)
         for session_id in candidates:
             session = self._sessions.get(session_id)
-            if session is None or session.generating:
+            if session is None or session.turn is not None:
                 continue
             n = len(session.history)
             if best_len < n <= len(tokens) and session.history == tokens[:n]:
@@ -258,7 +259,7 @@ class Engine:
             raise InvalidArgumentError(
                 f"give exactly one of tokens, text or messages (got {', '.join(given) or 'none'})"
             )
-        if session.generating:
+        if session.turn is not None:
             raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
         if text is not None:
             if not isinstance(text, str):
@@ -271,7 +272,7 @@ class Engine:
             rendered = self.render_messages(messages, bool(session.history), add_generation_prompt)
             tokens = await asyncio.to_thread(self._encode, rendered, False)
         self._check_token_ids(tokens)
-        if session.generating:  # a generate may have started while text was tokenized
+        if session.turn is not None:  # a generate may have started while text was tokenized
             raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
         session.history.extend(int(t) for t in tokens)
         session.last_used_at = time.time()
@@ -280,19 +281,21 @@ class Engine:
     async def prefill(self, session_id: str) -> dict:
         """Run the pending history through the model now, without generating."""
         session = self._get(session_id)
-        self._begin_turn(session)
+        turn = self._begin_turn(session)
         try:
             evicted = await self._call(lambda: sum(advance(self.loaded.model, session, self.recompute_blocks)))
         finally:
-            session.generating = False
+            turn.finish()
         return {"evicted": evicted, "cached_tokens": session.cache.length}
 
-    def _begin_turn(self, session: Session) -> None:
-        if session.generating:
+    def _begin_turn(self, session: Session) -> "_Turn":
+        if session.turn is not None:
             raise BusyError(f"session {session.id!r} is already generating; cancel it or wait for it to finish")
-        session.generating = True
+        turn = _Turn(session)
+        session.turn = turn
         session.cancel_requested.clear()
         session.last_used_at = time.time()
+        return turn
 
     # ---- generation ------------------------------------------------------
 
@@ -324,58 +327,34 @@ class Engine:
         max_tokens: int = 256,
         sampling: SamplingParams = SamplingParams(),
         stop: Optional[list[str]] = None,
-    ) -> AsyncIterator[Event]:
-        """Stream a turn's events; the last is always a DoneEvent.
+    ) -> "TurnStream":
+        """Start a turn; iterate the returned stream for its events, the last always a DoneEvent.
 
         Bad arguments, an unknown session or a busy one raise before any event.
-        Leaving the loop early cancels the generation and waits for it to end.
+        The work starts now, not at the first iteration. Leaving the loop early,
+        closing the stream or dropping it unread cancels the turn.
         """
         session = self._get(session_id)
         request = self._generate_request(session, max_tokens, sampling, stop)
-        self._begin_turn(session)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        turn = self._begin_turn(session)
+        steps = generate(self.loaded.model, self.loaded.tokenizer, session, request, self.recompute_blocks)
 
         def on_item(item) -> None:
-            if item is None:
-                return
-            if isinstance(item, DoneEvent):
-                session.generating = False
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            if item is not None:
+                turn.deliver(item)
 
         def on_error(exc: BaseException) -> None:
             # The cache may hold a half-written step: rebuild it from the history,
             # which is exact because the cache state is canonical.
             session.cache = type(session.cache)(session.cache.shape, session.cache.ropes)
             session.logits = None
-            session.generating = False
-            done = DoneEvent(stop_reason="error", error_code="internal", error_message=f"{type(exc).__name__}: {exc}")
-            loop.call_soon_threadsafe(queue.put_nowait, done)
+            turn.deliver(
+                DoneEvent(stop_reason="error", error_code="internal", error_message=f"{type(exc).__name__}: {exc}")
+            )
 
-        # The work starts now, not at the first iteration, so a stream that is never
-        # read still ends its turn; dropping it unread cancels that turn.
-        steps = generate(self.loaded.model, self.loaded.tokenizer, session, request, self.recompute_blocks)
+        turn.on_done = self._count
         self._thread.add_stream(steps, on_item, on_error)
-        stream = self._stream(session, queue)
-        session.turn += 1
-        weakref.finalize(stream, _cancel_turn, session, session.turn)
-        return stream
-
-    async def _stream(self, session: Session, queue: asyncio.Queue) -> AsyncIterator[Event]:
-        finished = False
-        try:
-            while True:
-                event = await queue.get()
-                if isinstance(event, DoneEvent):
-                    finished = True
-                    self._count(event)
-                    yield event
-                    return
-                yield event
-        finally:
-            if not finished:
-                await _end_turn(session)
-            session.last_used_at = time.time()
+        return TurnStream(turn)
 
     def _count(self, done: DoneEvent) -> None:
         c = self.counters
@@ -386,25 +365,108 @@ class Engine:
         c["decode_s"] += max(0.0, done.total_s - done.ttft_s)
 
     async def cancel(self, session_id: str) -> bool:
-        """Cancel the session's in-flight generation; False if none was running."""
+        """Ask the session's running turn to stop; False if none is running. See `end_turn` to wait for it."""
         session = self._get(session_id)
-        if not session.generating:
+        if session.turn is None:
             return False
-        session.cancel_requested.set()
+        session.turn.cancel()
         return True
+
+    async def end_turn(self, session_id: str) -> None:
+        """Cancel the session's running turn, if any, and wait until it has ended."""
+        await _end_turn(self._get(session_id))
+
+
+class _Turn:
+    """A turn's state, shared by the compute thread (which delivers events) and the loop."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.done: Optional[DoneEvent] = None
+        self.loop = asyncio.get_running_loop()
+        # Bounded by the turn itself: at most max_tokens token events, a truncated
+        # event per block, and one done event.
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.ended = asyncio.Event()
+        self.on_done = None
+
+    def cancel(self) -> None:
+        if not self.ended.is_set():
+            self.session.cancel_requested.set()
+
+    def deliver(self, event) -> None:
+        """Called on the compute thread; hands the event to the loop."""
+        self.loop.call_soon_threadsafe(self._receive, event)
+
+    def _receive(self, event) -> None:
+        self.events.put_nowait(event)
+        if isinstance(event, DoneEvent):
+            if self.on_done is not None:
+                self.on_done(event)
+            self.finish(event)
+
+    def finish(self, done: Optional[DoneEvent] = None) -> None:
+        """The compute thread has let go of the session: free it and wake every waiter."""
+        self.done = done
+        session = self.session
+        if session.turn is self:
+            session.turn = None
+        session.last_used_at = time.time()
+        self.ended.set()
+
+
+class TurnStream:
+    """A running turn of one session: an async iterator of its events, and its end as an awaitable.
+
+    The turn ends (`ended()` returns) once the compute thread has let go of the
+    session; its DoneEvent is queued at that same moment. `cancel()` is the one
+    way to stop a turn; `aclose()` cancels and waits. A stream dropped unread
+    cancels its turn.
+    """
+
+    def __init__(self, turn: _Turn):
+        self.session_id = turn.session.id
+        self._turn = turn
+        weakref.finalize(self, turn.cancel)
+
+    @property
+    def done(self) -> Optional[DoneEvent]:
+        """The turn's DoneEvent once it has ended, else None."""
+        return self._turn.done
+
+    @property
+    def is_ended(self) -> bool:
+        return self._turn.ended.is_set()
+
+    def cancel(self) -> None:
+        """Ask the turn to stop (idempotent); it still ends with a DoneEvent."""
+        self._turn.cancel()
+
+    async def ended(self) -> None:
+        """Wait until the turn has ended and the session is free."""
+        await self._turn.ended.wait()
+
+    def __aiter__(self) -> "TurnStream":
+        return self
+
+    async def __anext__(self):
+        turn = self._turn
+        if turn.events.empty() and turn.ended.is_set():
+            raise StopAsyncIteration
+        return await turn.events.get()
+
+    async def aclose(self) -> None:
+        """Cancel the turn if it is still running and wait for its end."""
+        self.cancel()
+        await self.ended()
 
 
 async def _end_turn(session: Session) -> None:
-    """Cancel the session's generation, if any, and wait until the compute thread lets go of it."""
-    session.cancel_requested.set()
-    while session.generating:
-        await asyncio.sleep(0.002)
-
-
-def _cancel_turn(session: Session, turn: int) -> None:
-    """Cancel a turn whose stream was dropped, unless a later turn has begun."""
-    if session.turn == turn and session.generating:
-        session.cancel_requested.set()
+    """Cancel the session's turn, if any, and wait until the compute thread lets go of it."""
+    turn = session.turn
+    if turn is not None:
+        turn.cancel()
+        await turn.ended.wait()
 
 
 def _check_messages(messages) -> None:

@@ -41,8 +41,7 @@ class Session:
         self.logits: Optional[mx.array] = None  # next-token logits after the processed history
         self.created_at = time.time()
         self.last_used_at = self.created_at
-        self.generating = False
-        self.turn = 0  # counts generations, so a stale cancel cannot hit a later one
+        self.turn = None  # the running turn (the engine's _Turn), set and cleared on the event loop
         self.cancel_requested = threading.Event()
 
     @property
@@ -68,7 +67,7 @@ class Session:
             "sink": shape.sink,
             "window": shape.window,
             "block": shape.block,
-            "generating": self.generating,
+            "generating": self.turn is not None,
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,
         }

@@ -21,8 +21,10 @@ from .errors import BusyError, InvalidArgumentError, NotFoundError
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
 from .rope import layer_shifters
+from .decode import GenerateRequest, Generation
 from .sampling import SamplingParams
-from .session import GenerateRequest, Session, advance, generate
+from .scheduler import Scheduler, SchedulerConfig
+from .session import Session, prefill_piece
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
 
@@ -40,10 +42,15 @@ class EngineConfig:
     block: int = 64
     max_append_tokens: int = 32768
     max_new_tokens: int = 4096
-    # Recompute each completed block in one forward pass. Needed for exact
-    # chunking invariance only where the backend's forward pass is not
-    # batch-invariant; None lets the platform decide.
+    # Recompute each completed block, and a tail that arrived in pieces, in one
+    # forward pass. Needed for exact chunking invariance only where the backend's
+    # forward pass is not chunk-invariant; None lets the platform decide.
     recompute_blocks: Optional[bool] = None
+    # Most decoding turns put through the model in one forward pass; 1 computes
+    # each session's tokens on their own.
+    decode_batch_size: int = 16
+    # Most prompt tokens one turn runs between two decode steps of the others.
+    prefill_step_tokens: int = 256
 
     def cache_shape(self, max_positions: int) -> CacheShape:
         """Resolve the cache sizes against the model's trained range."""
@@ -51,6 +58,10 @@ class EngineConfig:
             raise InvalidArgumentError(f"block={self.block}: must be >= 1")
         if self.sink < 0:
             raise InvalidArgumentError(f"sink={self.sink}: must be >= 0")
+        if self.decode_batch_size < 1:
+            raise InvalidArgumentError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
+        if self.prefill_step_tokens < 1:
+            raise InvalidArgumentError(f"prefill_step_tokens={self.prefill_step_tokens}: must be >= 1")
         window = self.window
         if window is None:
             window = min(2048, max_positions) - self.sink - self.block
@@ -83,7 +94,10 @@ class Engine:
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.counters = {"tokens_in": 0, "tokens_out": 0, "generations": 0, "prefill_s": 0.0, "decode_s": 0.0}
         self._sessions: dict[str, Session] = {}
-        self._thread = ComputeThread()
+        scheduler = Scheduler(
+            loaded.model, SchedulerConfig(config.decode_batch_size, config.prefill_step_tokens)
+        )
+        self._thread = ComputeThread(scheduler)
         self._started = False
 
     # ---- lifecycle -------------------------------------------------------
@@ -283,7 +297,8 @@ class Engine:
         session = self._get(session_id)
         turn = self._begin_turn(session)
         try:
-            evicted = await self._call(lambda: sum(advance(self.loaded.model, session, self.recompute_blocks)))
+            model, recompute = self.loaded.model, self.recompute_blocks
+            _, evicted = await self._call(lambda: prefill_piece(model, session, session.pending, recompute))
         finally:
             turn.finish()
         return {"evicted": evicted, "cached_tokens": session.cache.length}
@@ -337,23 +352,9 @@ class Engine:
         session = self._get(session_id)
         request = self._generate_request(session, max_tokens, sampling, stop)
         turn = self._begin_turn(session)
-        steps = generate(self.loaded.model, self.loaded.tokenizer, session, request, self.recompute_blocks)
-
-        def on_item(item) -> None:
-            if item is not None:
-                turn.deliver(item)
-
-        def on_error(exc: BaseException) -> None:
-            # The cache may hold a half-written step: rebuild it from the history,
-            # which is exact because the cache state is canonical.
-            session.cache = type(session.cache)(session.cache.shape, session.cache.ropes)
-            session.logits = None
-            turn.deliver(
-                DoneEvent(stop_reason="error", error_code="internal", error_message=f"{type(exc).__name__}: {exc}")
-            )
-
         turn.on_done = self._count
-        self._thread.add_stream(steps, on_item, on_error)
+        job = Generation(session, request, self.loaded.tokenizer, turn.deliver, self.recompute_blocks)
+        self._thread.submit(job)
         return TurnStream(turn)
 
     def _count(self, done: DoneEvent) -> None:
@@ -394,16 +395,17 @@ class _Turn:
         if not self.ended.is_set():
             self.session.cancel_requested.set()
 
-    def deliver(self, event) -> None:
-        """Called on the compute thread; hands the event to the loop."""
-        self.loop.call_soon_threadsafe(self._receive, event)
+    def deliver(self, events: list) -> None:
+        """Called on the compute thread with one step's events; hands them to the loop."""
+        self.loop.call_soon_threadsafe(self._receive, events)
 
-    def _receive(self, event) -> None:
-        self.events.put_nowait(event)
-        if isinstance(event, DoneEvent):
-            if self.on_done is not None:
-                self.on_done(event)
-            self.finish(event)
+    def _receive(self, events: list) -> None:
+        for event in events:
+            self.events.put_nowait(event)
+            if isinstance(event, DoneEvent):
+                if self.on_done is not None:
+                    self.on_done(event)
+                self.finish(event)
 
     def finish(self, done: Optional[DoneEvent] = None) -> None:
         """The compute thread has let go of the session: free it and wake every waiter."""

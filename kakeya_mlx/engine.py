@@ -25,6 +25,7 @@ from .decode import GenerateRequest, Generation
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .session import Session, prefill_piece
+from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
 
@@ -51,6 +52,10 @@ class EngineConfig:
     decode_batch_size: int = 16
     # Most prompt tokens one turn runs between two decode steps of the others.
     prefill_step_tokens: int = 256
+    # Speculative decoding when a request does not say: off, auto, prompt_lookup or
+    # draft (needs a draft model); and the most tokens drafted per step.
+    speculative: str = "auto"
+    num_draft_tokens: int = 4
 
     def cache_shape(self, max_positions: int) -> CacheShape:
         """Resolve the cache sizes against the model's trained range."""
@@ -62,6 +67,7 @@ class EngineConfig:
             raise InvalidArgumentError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
         if self.prefill_step_tokens < 1:
             raise InvalidArgumentError(f"prefill_step_tokens={self.prefill_step_tokens}: must be >= 1")
+        check_mode(self.speculative, self.num_draft_tokens, has_draft_model=True)
         window = self.window
         if window is None:
             window = min(2048, max_positions) - self.sink - self.block
@@ -81,18 +87,36 @@ class EngineConfig:
 class Engine:
     """Sessions and generation over one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), draft: Optional[LoadedModel] = None):
+        """`draft`: a smaller model sharing `loaded`'s tokenizer, for speculative decoding."""
         self.loaded = loaded
         self.config = config
         self.shape = config.cache_shape(loaded.max_position_embeddings)
         self.ropes = layer_shifters(loaded.model, self.shape.bound)
+        if draft is not None:
+            check_draft_model(loaded, draft, self.shape)
+        if config.speculative == "draft" and draft is None:
+            raise InvalidArgumentError("speculative='draft' needs a draft model; none was given")
+        self.spec = SpecContext(
+            mode=config.speculative,
+            num_draft_tokens=config.num_draft_tokens,
+            draft=DraftModel(draft, self.shape) if draft is not None else None,
+        )
         self.recompute_blocks = (
             config.recompute_blocks
             if config.recompute_blocks is not None
             else not platform.forward_is_batch_invariant()
         )
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
-        self.counters = {"tokens_in": 0, "tokens_out": 0, "generations": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        self.counters = {
+            "tokens_in": 0,
+            "tokens_out": 0,
+            "generations": 0,
+            "prefill_s": 0.0,
+            "decode_s": 0.0,
+            "draft_tokens": 0,
+            "accepted_tokens": 0,
+        }
         self._sessions: dict[str, Session] = {}
         scheduler = Scheduler(
             loaded.model, SchedulerConfig(config.decode_batch_size, config.prefill_step_tokens)
@@ -190,9 +214,13 @@ class Engine:
     def has_session(self, session_id: str) -> bool:
         return session_id in self._sessions
 
-    async def create_session(self) -> str:
+    async def create_session(self, speculative: Optional[str] = None, num_draft_tokens: Optional[int] = None) -> str:
+        """A new empty session. `speculative` and `num_draft_tokens` become its defaults for generate."""
+        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
         session_id = uuid.uuid4().hex[:16]
-        self._sessions[session_id] = Session(session_id, self.shape, self.ropes)
+        session = Session(session_id, self.shape, self.ropes)
+        session.speculative, session.num_draft_tokens = speculative, num_draft_tokens
+        self._sessions[session_id] = session
         return session_id
 
     async def close_session(self, session_id: str) -> None:
@@ -228,7 +256,7 @@ class Engine:
         return best, best_len
 
     def session_kv_bytes(self, session_id: str) -> int:
-        return self._get(session_id).cache.nbytes
+        return self._get(session_id).kv_bytes
 
     def memory(self) -> dict:
         """MLX's own memory counters, plus the bytes held by session caches."""
@@ -236,7 +264,7 @@ class Engine:
             "active_bytes": mx.get_active_memory(),
             "peak_bytes": mx.get_peak_memory(),
             "cache_bytes": mx.get_cache_memory(),
-            "kv_bytes": sum(s.cache.nbytes for s in list(self._sessions.values())),
+            "kv_bytes": sum(s.kv_bytes for s in list(self._sessions.values())),
         }
 
     def _check_token_ids(self, tokens, allow_empty: bool = False) -> None:
@@ -314,7 +342,9 @@ class Engine:
 
     # ---- generation ------------------------------------------------------
 
-    def _generate_request(self, session: Session, max_tokens, sampling, stop) -> GenerateRequest:
+    def _generate_request(
+        self, session: Session, max_tokens, sampling, stop, speculative, num_draft_tokens
+    ) -> GenerateRequest:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise InvalidArgumentError(f"max_tokens={max_tokens!r}: must be an integer")
         if max_tokens < 1:
@@ -334,7 +364,14 @@ class Engine:
             raise InvalidArgumentError(
                 f"session {session.id!r} has an empty history: append a prompt before generating"
             )
-        return GenerateRequest(max_tokens, sampling, tuple(stop), self.eos_token_ids, time.perf_counter())
+        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
+        mode = speculative or session.speculative or self.spec.mode
+        if mode == "draft" and self.spec.draft is None:
+            mode = "auto"  # a session default the engine cannot serve now; requests say so explicitly
+        k = num_draft_tokens or session.num_draft_tokens or self.spec.num_draft_tokens
+        return GenerateRequest(
+            max_tokens, sampling, tuple(stop), self.eos_token_ids, time.perf_counter(), mode, k
+        )
 
     def generate(
         self,
@@ -342,18 +379,24 @@ class Engine:
         max_tokens: int = 256,
         sampling: SamplingParams = SamplingParams(),
         stop: Optional[list[str]] = None,
+        speculative: Optional[str] = None,
+        num_draft_tokens: Optional[int] = None,
     ) -> "TurnStream":
         """Start a turn; iterate the returned stream for its events, the last always a DoneEvent.
 
-        Bad arguments, an unknown session or a busy one raise before any event.
-        The work starts now, not at the first iteration. Leaving the loop early,
+        `speculative` (off, auto, prompt_lookup, draft) and `num_draft_tokens`
+        override the session's and the engine's defaults for this turn. Bad
+        arguments, an unknown session or a busy one raise before any event. The
+        work starts now, not at the first iteration. Leaving the loop early,
         closing the stream or dropping it unread cancels the turn.
         """
         session = self._get(session_id)
-        request = self._generate_request(session, max_tokens, sampling, stop)
+        request = self._generate_request(session, max_tokens, sampling, stop, speculative, num_draft_tokens)
         turn = self._begin_turn(session)
         turn.on_done = self._count
-        job = Generation(session, request, self.loaded.tokenizer, turn.deliver, self.recompute_blocks)
+        job = Generation(
+            session, request, self.loaded.tokenizer, turn.deliver, self.recompute_blocks, self.spec
+        )
         self._thread.submit(job)
         return TurnStream(turn)
 
@@ -364,6 +407,8 @@ class Engine:
         c["tokens_out"] += done.generated_tokens
         c["prefill_s"] += max(0.0, done.ttft_s)
         c["decode_s"] += max(0.0, done.total_s - done.ttft_s)
+        c["draft_tokens"] += done.draft_tokens
+        c["accepted_tokens"] += done.accepted_tokens
 
     async def cancel(self, session_id: str) -> bool:
         """Ask the session's running turn to stop; False if none is running. See `end_turn` to wait for it."""

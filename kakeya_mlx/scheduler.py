@@ -100,32 +100,55 @@ class Scheduler:
             turn.sample_first()
 
     def _decode(self, turns: list[Generation]) -> None:
-        fed, ready = [], []
+        alone = len(turns) == 1
+        ready = []
         for turn in turns:
-            token = self._guard(turn, turn.prepare_feed)
+            self._guard(turn, turn.make_room)
             if not turn.finished:
-                fed.append(token)
+                self._guard(turn, turn.plan, self.model, alone)
+            if not turn.finished:
                 ready.append(turn)
-        if not ready:
-            return
+        plain = [t for t in ready if not t.drafts]
+        drafting = [t for t in ready if t.drafts]
+        if plain:
+            self._forward(plain, self._plain_pass)
+        if drafting:
+            self._forward(drafting, self._draft_pass)
+
+    def _forward(self, turns: list[Generation], run) -> None:
         counters = self.counters
         counters["decode_passes"] += 1
-        counters["decode_rows"] += len(ready)
-        counters["largest_batch"] = max(counters["largest_batch"], len(ready))
+        counters["decode_rows"] += len(turns)
+        counters["largest_batch"] = max(counters["largest_batch"], len(turns))
         try:
-            tokens = mx.concatenate(fed)
-            caches = [t.session.cache.layers for t in ready]
-            logits = forward_batch(self.model, caches, tokens[:, None], [1] * len(ready))
-            mx.async_eval(tokens, logits)
-            ids = tokens.tolist()
+            takes = run(turns)
         except Exception as exc:
-            log.error("a batched forward pass of %d turn(s) failed", len(ready), exc_info=exc)
-            for turn in ready:
+            log.error("a batched forward pass of %d turn(s) failed", len(turns), exc_info=exc)
+            for turn in turns:
                 turn.session.reset_cache()
                 turn.finish("error", exc)
             return
-        for b, turn in enumerate(ready):
-            self._guard(turn, turn.accept, ids[b], logits[b, -1:], self.model)
+        for turn, take in zip(turns, takes):
+            self._guard(turn, *take)
+
+    def _plain_pass(self, turns: list[Generation]) -> list:
+        """Every turn's next token in one pass, read back with one host sync."""
+        tokens = mx.concatenate([t.next_token for t in turns])
+        caches = [t.session.cache.layers for t in turns]
+        logits = forward_batch(self.model, caches, tokens[:, None], [1] * len(turns))
+        mx.async_eval(tokens, logits)
+        ids = tokens.tolist()
+        return [(t.take_plain, ids[b], logits[b, -1:], self.model) for b, t in enumerate(turns)]
+
+    def _draft_pass(self, turns: list[Generation]) -> list:
+        """Every drafting turn's next token and drafts in one pass, right-padded to the longest."""
+        rows = [[t.next_token.item(), *t.drafts] for t in turns]
+        fed = [len(r) for r in rows]
+        width = max(fed)
+        inputs = mx.array([r + [0] * (width - len(r)) for r in rows])
+        caches = [t.session.cache.layers for t in turns]
+        logits = forward_batch(self.model, caches, inputs, fed)
+        return [(t.take, logits[b, : fed[b]], self.model) for b, t in enumerate(turns)]
 
     def _guard(self, turn: Generation, fn, *args):
         """Run one turn's part of the step; a failure ends that turn alone."""

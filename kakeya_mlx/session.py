@@ -30,6 +30,9 @@ class Session:
         self.last_used_at = self.created_at
         self.turn = None  # the running turn (the engine's _Turn), set and cleared on the event loop
         self.cancel_requested = threading.Event()
+        self.speculation = None  # speculative.Speculation, made by the first turn that drafts
+        self.speculative: Optional[str] = None  # this session's default mode, None: the engine's
+        self.num_draft_tokens: Optional[int] = None
 
     @property
     def pending(self) -> int:
@@ -44,6 +47,12 @@ class Session:
         self.cache = SinkWindowCache(self.cache.shape, self.cache.ropes)
         self.logits = None
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by this session's caches: its own and its draft model's."""
+        draft = self.speculation.draft if self.speculation is not None else None
+        return self.cache.nbytes + (draft.cache.nbytes if draft is not None else 0)
+
     def info(self) -> dict:
         cache, shape = self.cache, self.cache.shape
         return {
@@ -52,7 +61,7 @@ class Session:
             "cached_tokens": cache.length,
             "pending_tokens": self.pending,
             "evicted_tokens": cache.evicted,
-            "kv_bytes": cache.nbytes,
+            "kv_bytes": self.kv_bytes,
             "positions": {
                 "first": 0,
                 "last": cache.length - 1,

@@ -185,6 +185,20 @@ class Constrainer:
         return self._tokenizer.tokenize_str(text)
 
 
+def check_json_schema(schema: object, field: str, strict: bool = False) -> None:
+    """Raise InvalidArgumentError naming `field` unless `schema` compiles (no tokenizer needed)."""
+    if not isinstance(schema, dict):
+        raise InvalidArgumentError(f"{field}: must be a JSON Schema object")
+    error = llguidance.LLMatcher.validate_grammar(_json_grammar(schema, strict, field))
+    if error:
+        raise InvalidArgumentError(f"{field}: cannot be compiled: {_bounded(error)}")
+
+
+def json_compile_options(strict: bool) -> dict:
+    """llguidance's JSON options as this module uses them (for schemas inlined in grammars as x-guidance)."""
+    return {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
+
+
 def tokenizer_json_of(loaded) -> str:
     """The model's tokenizer as tokenizers-library JSON, without importing transformers."""
     file = Path(loaded.path) / "tokenizer.json"
@@ -253,8 +267,7 @@ def _json_grammar(schema: dict, strict: bool, field: str) -> str:
         text = json.dumps(schema)
     except (TypeError, ValueError) as e:
         raise InvalidArgumentError(f"{field}: is not JSON: {e}") from None
-    options = {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
-    return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=options)
+    return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=json_compile_options(strict))
 
 
 def _bounded(reason: str) -> str:

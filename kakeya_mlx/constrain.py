@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import llguidance
 import mlx.core as mx
@@ -34,6 +35,9 @@ import numpy as np
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
 from .errors import EngineError, InvalidArgumentError
+
+if TYPE_CHECKING:  # the loader pulls in mlx-lm (and transformers); this module must not
+    from .loader import LoadedModel
 
 DEFAULT_CACHE_SIZE = 64
 # Library reasons can quote whole grammars; error messages stay readable.
@@ -151,7 +155,7 @@ class Constrainer:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_model(cls, loaded, cache_size: int = DEFAULT_CACHE_SIZE) -> "Constrainer":
+    def for_model(cls, loaded: "LoadedModel", cache_size: int = DEFAULT_CACHE_SIZE) -> "Constrainer":
         """Build from a `kakeya_mlx.loader.LoadedModel`: its tokenizer.json, end tokens and logits width."""
         return cls(tokenizer_json_of(loaded), loaded.eos_token_ids, loaded.vocab_size, cache_size)
 
@@ -199,7 +203,7 @@ def json_compile_options(strict: bool) -> dict:
     return {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
 
 
-def tokenizer_json_of(loaded) -> str:
+def tokenizer_json_of(loaded: "LoadedModel") -> str:
     """The model's tokenizer as tokenizers-library JSON, without importing transformers."""
     file = Path(loaded.path) / "tokenizer.json"
     if file.is_file():

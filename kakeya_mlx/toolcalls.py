@@ -36,7 +36,10 @@ PYTHON_TAG = "<|python_tag|>"
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A forced turn may hold this many calls when parallel calls are allowed.
 MAX_FORCED_CALLS = 8
-_PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool", "description": "probe", "parameters": {"type": "object"}}}
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "probe_tool", "description": "probe", "parameters": {"type": "object"}},
+}
 _PROBE_MESSAGES = [{"role": "user", "content": "probe"}]
 
 
@@ -75,12 +78,15 @@ class Tool:
     parameters: dict
 
     def to_openai(self) -> dict:
-        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass(frozen=True)
 class ToolChoice:
-    """"none", "auto", "required", or "function" (then `function` names it)."""
+    """ "none", "auto", "required", or "function" (then `function` names it)."""
 
     mode: str
     function: str | None = None
@@ -94,7 +100,7 @@ def check_tools(tools: object, where: str = "tools") -> list[Tool]:
     for i, tool in enumerate(tools):
         at = f"{where}[{i}]"
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise InvalidArgumentError(f"{at}: must be an object with type \"function\"")
+            raise InvalidArgumentError(f'{at}: must be an object with type "function"')
         function = tool.get("function")
         if not isinstance(function, dict):
             raise InvalidArgumentError(f"{at}.function: must be an object with a name")
@@ -118,11 +124,17 @@ def check_tool_choice(choice: object, tools: Sequence[Tool], where: str = "tool_
         return ToolChoice("auto" if tools else "none")
     if choice in ("none", "auto", "required"):
         if choice == "required" and not tools:
-            raise InvalidArgumentError(f"{where}: \"required\" needs at least one tool in tools")
+            raise InvalidArgumentError(f'{where}: "required" needs at least one tool in tools')
         return ToolChoice(choice)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and isinstance(choice.get("function"), dict) else None
+    name = (
+        choice.get("function", {}).get("name")
+        if isinstance(choice, dict) and isinstance(choice.get("function"), dict)
+        else None
+    )
     if not isinstance(name, str):
-        raise InvalidArgumentError(f"{where}: must be \"none\", \"auto\", \"required\" or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+        raise InvalidArgumentError(
+            f'{where}: must be "none", "auto", "required" or {{"type": "function", "function": {{"name": ...}}}}'
+        )
     if all(t.name != name for t in tools):
         raise InvalidArgumentError(f"{where}.function.name: {name!r} is not one of the tools offered")
     return ToolChoice("function", name)
@@ -245,7 +257,9 @@ def prepare_messages(messages: object, fmt: ToolCallFormat, where: str = "messag
             if open_ids is None:
                 raise InvalidArgumentError(f"{at}: a tool message must follow an assistant message with tool_calls")
             if not isinstance(call_id, str) or _fit_id(call_id, fmt) not in open_ids:
-                raise InvalidArgumentError(f"{at}.tool_call_id: must be the id of a call in the assistant message before it")
+                raise InvalidArgumentError(
+                    f"{at}.tool_call_id: must be the id of a call in the assistant message before it"
+                )
             message["tool_call_id"] = _fit_id(call_id, fmt)
             if not isinstance(message.get("content"), str):
                 message["content"] = _text_of(message.get("content"), f"{at}.content")
@@ -275,7 +289,13 @@ def _prepared_calls(calls: object, fmt: ToolCallFormat, at: str) -> tuple[list[d
         if not isinstance(call_id, str) or not call_id:
             raise InvalidArgumentError(f"{at}[{j}].id: must be a non-empty string")
         ids.add(_fit_id(call_id, fmt))
-        out.append({"id": _fit_id(call_id, fmt), "type": "function", "function": {"name": function["name"], "arguments": arguments}})
+        out.append(
+            {
+                "id": _fit_id(call_id, fmt),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
     return out, ids
 
 
@@ -294,7 +314,9 @@ def _text_of(content: object, at: str) -> str:
 
 
 def _apply(tokenizer, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _calls_as_text(messages: list[dict]) -> list[dict]:
@@ -303,7 +325,7 @@ def _calls_as_text(messages: list[dict]) -> list[dict]:
     for message in messages:
         if message.get("role") == "assistant" and message.get("tool_calls"):
             calls = [
-                f"{HERMES_OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']}, ensure_ascii=False)}\n{HERMES_CLOSE}"
+                f"{HERMES_OPEN}\n{json.dumps(_call_object(c['function']), ensure_ascii=False)}\n{HERMES_CLOSE}"
                 for c in message["tool_calls"]
             ]
             text = "\n".join(([message["content"]] if message.get("content") else []) + calls)
@@ -317,6 +339,10 @@ def _calls_as_text(messages: list[dict]) -> list[dict]:
         else:
             out.append(message)
     return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+
+
+def _call_object(function: dict) -> dict:
+    return {"name": function["name"], "arguments": function["arguments"]}
 
 
 def _with_system_block(messages: list[dict], tools: Sequence[Tool]) -> list[dict]:
@@ -339,7 +365,12 @@ def _with_user_block(messages: list[dict], tools: Sequence[Tool]) -> list[dict]:
 
 
 def tool_choice_constraint(
-    fmt: ToolCallFormat, tools: Sequence[Tool], choice: ToolChoice, *, parallel: bool = False, vocab: Mapping[str, int] | None = None
+    fmt: ToolCallFormat,
+    tools: Sequence[Tool],
+    choice: ToolChoice,
+    *,
+    parallel: bool = False,
+    vocab: Mapping[str, int] | None = None,
 ) -> dict | None:
     """A constraint spec (kakeya_mlx.constrain) forcing a valid call for "required" or a named function.
 
@@ -544,7 +575,9 @@ class ToolCallParser:
         self._held_space = ""
 
 
-def parse_reply(text: str, fmt: ToolCallFormat, tool_names: Collection[str] | None = None) -> tuple[str | None, list[ToolCall]]:
+def parse_reply(
+    text: str, fmt: ToolCallFormat, tool_names: Collection[str] | None = None
+) -> tuple[str | None, list[ToolCall]]:
     """A whole reply as (content or None, tool calls), as the streaming parser reads it."""
     parser = ToolCallParser(fmt, tool_names)
     pieces = parser.feed(text) + parser.finish()

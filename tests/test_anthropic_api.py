@@ -11,7 +11,6 @@ import anthropic
 import jsonschema
 import pytest
 from decode_loop import constrained_decode
-
 from kakeya_daemon.anthropic_api import (
     AnthropicError,
     MessageStream,
@@ -23,6 +22,7 @@ from kakeya_daemon.anthropic_api import (
     parse_messages_request,
     stop_reason,
 )
+
 from kakeya_mlx.constrain import Constrainer
 from kakeya_mlx.errors import InvalidArgumentError
 from kakeya_mlx.toolcalls import HERMES, ToolCallDelta, ToolCallParser, parse_reply, render_prompt, tool_support
@@ -44,8 +44,20 @@ WEATHER = {
 }
 CONVERSATION = [
     {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "unit": "celsius"}}]},
-    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18 C"}]}, {"type": "text", "text": "And tomorrow?"}]},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris", "unit": "celsius"}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18 C"}]},
+            {"type": "text", "text": "And tomorrow?"},
+        ],
+    },
 ]
 
 
@@ -56,7 +68,12 @@ def _client(handler) -> anthropic.Anthropic:
         except AnthropicError as e:
             return httpx.Response(e.status, json=e.body())
 
-    return anthropic.Anthropic(api_key="unused", base_url="http://kakeya.test", max_retries=0, http_client=httpx.Client(transport=httpx.MockTransport(respond)))
+    return anthropic.Anthropic(
+        api_key="unused",
+        base_url="http://kakeya.test",
+        max_retries=0,
+        http_client=httpx.Client(transport=httpx.MockTransport(respond)),
+    )
 
 
 def _generate(loaded, request, seed: int = 0):
@@ -66,8 +83,13 @@ def _generate(loaded, request, seed: int = 0):
     prompt = loaded.tokenizer.encode(prompt_text, add_special_tokens=False)
     constrainer = Constrainer.for_model(loaded)
     spec = request.constraint(support.format, loaded.tokenizer.get_vocab())  # these tests force a call
-    out = constrained_decode(loaded, constrainer.matcher(constrainer.compile(spec)), prompt, request.max_tokens, 1.0, seed)
-    pieces = [loaded.tokenizer.decode(out.tokens[: i + 1])[len(loaded.tokenizer.decode(out.tokens[:i])) :] for i in range(len(out.tokens))]
+    out = constrained_decode(
+        loaded, constrainer.matcher(constrainer.compile(spec)), prompt, request.max_tokens, 1.0, seed
+    )
+    pieces = [
+        loaded.tokenizer.decode(out.tokens[: i + 1])[len(loaded.tokenizer.decode(out.tokens[:i])) :]
+        for i in range(len(out.tokens))
+    ]
     return pieces, ToolCallParser(support.format, [t.name for t in request.tools]), len(prompt), len(out.tokens)
 
 
@@ -79,11 +101,24 @@ def test_the_client_reads_a_reply_with_a_forced_tool_call(loaded_qwen3):
         seen.append(request)
         pieces, parser, n_in, n_out = _generate(loaded_qwen3, request)
         content, calls = parse_reply("".join(pieces), parser.format, [t.name for t in request.tools])
-        reply = message_response(new_message_id(), request.model, content, calls, stop_reason("eos", bool(calls)), None, Usage(n_in, n_out, 7))
+        reply = message_response(
+            new_message_id(),
+            request.model,
+            content,
+            calls,
+            stop_reason("eos", bool(calls)),
+            None,
+            Usage(n_in, n_out, 7),
+        )
         return httpx.Response(200, json=reply)
 
     message = _client(handler).messages.create(
-        model="tiny", max_tokens=200, system="Be brief.", messages=CONVERSATION, tools=[WEATHER], tool_choice={"type": "any", "disable_parallel_tool_use": True}
+        model="tiny",
+        max_tokens=200,
+        system="Be brief.",
+        messages=CONVERSATION,
+        tools=[WEATHER],
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
     )
     assert message.stop_reason == "tool_use" and message.role == "assistant"
     (call,) = [b for b in message.content if b.type == "tool_use"]
@@ -95,7 +130,17 @@ def test_the_client_reads_a_reply_with_a_forced_tool_call(loaded_qwen3):
     assert request.messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"},
         {"role": "user", "content": "And tomorrow?"},
     ]
@@ -133,13 +178,19 @@ def test_the_client_accumulates_our_stream_events(loaded_qwen3):
         final = stream.get_final_message()
     sent_first = list(events_sent)
     events_sent.clear()
-    received = [event.type for event in client.messages.create(**ask, stream=True)]  # each parsed into the client's event models
+    received = [
+        event.type for event in client.messages.create(**ask, stream=True)
+    ]  # each parsed into the client's event models
     assert received == [e for e in events_sent if e != "ping"]  # the client passes every event on but pings
     events_sent[:] = sent_first
     assert events_sent[:2] == ["message_start", "ping"] and events_sent[-2:] == ["message_delta", "message_stop"]
     assert events_sent[2:-2] == [
-        "content_block_start", "content_block_delta", "content_block_stop",  # the text block
-        "content_block_start", "content_block_delta", "content_block_stop",  # the tool_use block
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",  # the text block
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",  # the tool_use block
     ]
     assert final.stop_reason == "tool_use" and final.usage.cache_read_input_tokens == 5
     text, call = final.content
@@ -150,9 +201,17 @@ def test_the_client_accumulates_our_stream_events(loaded_qwen3):
 
 def test_plain_text_streams_in_one_block_with_its_stop_reason():
     stream = MessageStream("msg_x", "tiny", Usage(3))
-    chunks = stream.start() + stream.text("Hello") + stream.text("") + stream.text(", world") + stream.finish("max_tokens", None, 2)
+    chunks = (
+        stream.start()
+        + stream.text("Hello")
+        + stream.text("")
+        + stream.text(", world")
+        + stream.finish("max_tokens", None, 2)
+    )
 
-    client = _client(lambda path, body: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b"".join(chunks)))
+    client = _client(
+        lambda path, body: httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b"".join(chunks))
+    )
     with client.messages.stream(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "hi"}]) as s:
         final = s.get_final_message()
     assert [b.text for b in final.content] == ["Hello, world"]
@@ -165,7 +224,9 @@ def test_count_tokens_through_the_client(loaded_qwen3):
         request = parse_count_tokens_request(body)
         support = tool_support(loaded_qwen3.tokenizer, loaded_qwen3.chat_template)
         text = render_prompt(loaded_qwen3.tokenizer, support, request.messages, request.tools)
-        return httpx.Response(200, json=count_tokens_response(len(loaded_qwen3.tokenizer.encode(text, add_special_tokens=False))))
+        return httpx.Response(
+            200, json=count_tokens_response(len(loaded_qwen3.tokenizer.encode(text, add_special_tokens=False)))
+        )
 
     client = _client(handler)
     with_tools = client.messages.count_tokens(model="tiny", messages=CONVERSATION, tools=[WEATHER])
@@ -176,9 +237,17 @@ def test_count_tokens_through_the_client(loaded_qwen3):
 def test_the_client_raises_our_errors_with_the_field_named():
     client = _client(lambda path, body: parse_messages_request(body))
     with pytest.raises(anthropic.BadRequestError) as caught:
-        client.messages.create(model="tiny", max_tokens=10, messages=CONVERSATION[:2] + [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "x"}]}])
+        client.messages.create(
+            model="tiny",
+            max_tokens=10,
+            messages=CONVERSATION[:2]
+            + [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "x"}]}],
+        )
     assert caught.value.status_code == 400
-    assert caught.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": caught.value.body["error"]["message"]}}
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": caught.value.body["error"]["message"]},
+    }
     assert caught.value.body["error"]["message"].startswith("messages[2].content[0].tool_use_id:")
 
 
@@ -191,8 +260,27 @@ def test_the_client_raises_our_errors_with_the_field_named():
         ({"messages": []}, "messages:"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role:"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages[0].content[0]:"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "tool_result", "tool_use_id": "t", "content": "r"}]}]}, "messages[0].content[1]:"),
-        ({"messages": CONVERSATION[:1] + [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": "{}"}]}]}, "messages[1].content[0].input:"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "a"},
+                            {"type": "tool_result", "tool_use_id": "t", "content": "r"},
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[1]:",
+        ),
+        (
+            {
+                "messages": CONVERSATION[:1]
+                + [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": "{}"}]}]
+            },
+            "messages[1].content[0].input:",
+        ),
         ({"system": 5}, "system:"),
         ({"system": [{"type": "image"}]}, "system[0]:"),
         ({"temperature": 1.5}, "temperature:"),
@@ -240,13 +328,22 @@ def test_requests_map_to_engine_terms():
     assert request.stop_sequences == ["\n\n"] and request.max_tokens == 9
     assert request.tool_choice.mode == "auto" and not request.parallel_tool_calls
     assert request.constraint(HERMES) is None  # auto forces nothing
-    assert parse_count_tokens_request({"model": "tiny", "messages": [{"role": "user", "content": "x"}]}).max_tokens is None
+    assert (
+        parse_count_tokens_request({"model": "tiny", "messages": [{"role": "user", "content": "x"}]}).max_tokens is None
+    )
 
 
 def test_stop_reasons_and_engine_errors_map_to_anthropic_terms():
-    assert [stop_reason(r, False) for r in ("eos", "max_tokens", "stop_sequence")] == ["end_turn", "max_tokens", "stop_sequence"]
+    assert [stop_reason(r, False) for r in ("eos", "max_tokens", "stop_sequence")] == [
+        "end_turn",
+        "max_tokens",
+        "stop_sequence",
+    ]
     assert stop_reason("eos", True) == "tool_use" and stop_reason("max_tokens", True) == "max_tokens"
     error = AnthropicError.from_engine(InvalidArgumentError("constraint.pattern: bad"))
-    assert (error.status, error.body()) == (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "constraint.pattern: bad"}})
+    assert (error.status, error.body()) == (
+        400,
+        {"type": "error", "error": {"type": "invalid_request_error", "message": "constraint.pattern: bad"}},
+    )
     reply = message_response("msg_1", "tiny", "Hi", [], "stop_sequence", "\n\n", Usage(4, 2))
     assert anthropic.types.Message.model_validate(reply).stop_sequence == "\n\n"

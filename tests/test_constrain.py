@@ -73,7 +73,12 @@ SHAPES = {
                 "kind": {"const": "poly"},
                 "points": {
                     "type": "array",
-                    "items": {"type": "array", "items": {"type": "integer", "minimum": -9, "maximum": 9}, "minItems": 2, "maxItems": 2},
+                    "items": {
+                        "type": "array",
+                        "items": {"type": "integer", "minimum": -9, "maximum": 9},
+                        "minItems": 2,
+                        "maxItems": 2,
+                    },
                     "minItems": 3,
                     "maxItems": 4,
                 },
@@ -140,7 +145,7 @@ def test_json_object_accepts_any_object_and_nothing_else(constrainer):
     for token in good:
         matcher.accept(token)
     assert matcher.is_finished() and matcher.eos_allowed()
-    for not_object in ('[1, 2]', '"text"', "42"):
+    for not_object in ("[1, 2]", '"text"', "42"):
         ids = _valid_ids(constrainer, not_object)
         assert constrainer.matcher(constraint).valid_prefix_length(ids) == 0, not_object
 
@@ -232,10 +237,25 @@ def test_compiled_constraints_are_cached_in_a_bounded_lru(loaded_qwen3):
 @pytest.mark.parametrize(
     ("spec", "where", "field", "reason"),
     [
-        ({"type": "json_schema", "schema": {"type": "strin"}}, "response_format.json_schema", "response_format.json_schema.schema", "strin"),
-        ({"type": "json_schema", "schema": {"type": "string", "pattern": "(["}}, "constraint", "constraint.schema", "unclosed"),
+        (
+            {"type": "json_schema", "schema": {"type": "strin"}},
+            "response_format.json_schema",
+            "response_format.json_schema.schema",
+            "strin",
+        ),
+        (
+            {"type": "json_schema", "schema": {"type": "string", "pattern": "(["}},
+            "constraint",
+            "constraint.schema",
+            "unclosed",
+        ),
         ({"type": "json_schema", "schema": {"$ref": "#/$defs/missing"}}, "constraint", "constraint.schema", "missing"),
-        ({"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}, "strict": True}, "constraint", "constraint.schema", "uniqueItems"),
+        (
+            {"type": "json_schema", "schema": {"type": "array", "uniqueItems": True}, "strict": True},
+            "constraint",
+            "constraint.schema",
+            "uniqueItems",
+        ),
         ({"type": "json_schema", "schema": "not an object"}, "constraint", "constraint.schema", "JSON Schema object"),
         ({"type": "json_schema", "schema": {}, "strict": "yes"}, "constraint", "constraint.strict", "true or false"),
         ({"type": "regex", "pattern": "a(b"}, "constraint", "constraint.pattern", "unclosed group"),
@@ -270,10 +290,17 @@ def test_non_strict_schemas_enforce_what_can_be_enforced(constrainer):
 def test_response_format_maps_to_specs():
     schema = {"type": "object"}
     rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
-    assert spec_from_response_format(rf) == ({"type": "json_schema", "schema": schema, "strict": True}, "response_format.json_schema")
+    assert spec_from_response_format(rf) == (
+        {"type": "json_schema", "schema": schema, "strict": True},
+        "response_format.json_schema",
+    )
     assert spec_from_response_format({"type": "json_object"}) == ({"type": "json_object"}, "response_format")
     assert spec_from_response_format({"type": "text"}) == (None, "response_format")
-    for bad, field in [({"type": "yaml"}, "response_format.type"), ({"type": "json_schema"}, "response_format.json_schema"), ([], "response_format")]:
+    for bad, field in [
+        ({"type": "yaml"}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        ([], "response_format"),
+    ]:
         with pytest.raises(InvalidArgumentError, match=re.escape(field + ":")):
             spec_from_response_format(bad)
 
@@ -292,11 +319,20 @@ def test_smollm2_follows_a_schema_greedily():
     constrainer = Constrainer.for_model(loaded)
     schema = {
         "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}, "population_millions": {"type": "integer", "minimum": 0, "maximum": 50}},
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "country": {"type": "string", "maxLength": 20},
+            "population_millions": {"type": "integer", "minimum": 0, "maximum": 50},
+        },
         "required": ["city", "country", "population_millions"],
         "additionalProperties": False,
     }
-    messages = [{"role": "user", "content": "Describe the capital of France as JSON with city, country and population_millions."}]
+    messages = [
+        {
+            "role": "user",
+            "content": "Describe the capital of France as JSON with city, country and population_millions.",
+        }
+    ]
     prompt = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     matcher = constrainer.matcher(constrainer.compile({"type": "json_schema", "schema": schema, "strict": True}))
     out = constrained_decode(loaded, matcher, prompt, 120)

@@ -25,13 +25,37 @@ FAMILIES = {
     },
     "llama3.1": {
         "template": "llama-3.1-instruct.jinja",
-        "added": [(t, True) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")],
+        "added": [
+            (t, True)
+            for t in (
+                "<|begin_of_text|>",
+                "<|end_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eom_id|>",
+                "<|eot_id|>",
+                "<|python_tag|>",
+            )
+        ],
         "bos": "<|begin_of_text|>",
         "eos": ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"],
     },
     "mistral-v0.3": {
         "template": "mistral-7b-instruct-v0.3.jinja",
-        "added": [(t, True) for t in ("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")],
+        "added": [
+            (t, True)
+            for t in (
+                "<s>",
+                "</s>",
+                "[INST]",
+                "[/INST]",
+                "[TOOL_CALLS]",
+                "[AVAILABLE_TOOLS]",
+                "[/AVAILABLE_TOOLS]",
+                "[TOOL_RESULTS]",
+                "[/TOOL_RESULTS]",
+            )
+        ],
         "bos": "<s>",
         "eos": ["</s>"],
     },
@@ -50,7 +74,15 @@ def make_family_model(base: Path, out: Path, family: str, seed: int = 0) -> Path
     for i, (text, special) in enumerate(spec["added"]):
         vocab[text] = first_new + i
         tokenizer["added_tokens"].append(
-            {"id": first_new + i, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": special}
+            {
+                "id": first_new + i,
+                "content": text,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": special,
+            }
         )
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, indent=1), encoding="utf-8")
 
@@ -68,7 +100,9 @@ def make_family_model(base: Path, out: Path, family: str, seed: int = 0) -> Path
     if spec["bos"]:
         config["bos_token_id"] = vocab[spec["bos"]]
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids, "bos_token_id": config.get("bos_token_id")}))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos_ids, "bos_token_id": config.get("bos_token_id")})
+    )
 
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     tokenizer_config.update(

@@ -63,7 +63,11 @@ ORDER = {
         "order_id": {"type": "string"},
         "customer": {
             "type": "object",
-            "properties": {"name": {"type": "string"}, "email": {"type": "string", "format": "email"}, "vip": {"type": "boolean"}},
+            "properties": {
+                "name": {"type": "string"},
+                "email": {"type": "string", "format": "email"},
+                "vip": {"type": "boolean"},
+            },
             "required": ["name", "email"],
         },
         "shipping": {"$ref": "#/$defs/address"},
@@ -80,7 +84,10 @@ ORDER_INSTANCE = {
     "customer": {"name": "Ada Lovelace", "email": "ada@example.com", "vip": True},
     "shipping": {"street": "12 Analytical Way", "city": "London", "zip": "01234", "country": "DE"},
     "billing": None,
-    "items": [{"sku": "ENG-1", "qty": 2, "price": 19.99, "tags": ["gear", "brass"]}, {"sku": "CARD-7", "qty": 40, "price": 0.5}],
+    "items": [
+        {"sku": "ENG-1", "qty": 2, "price": 19.99, "tags": ["gear", "brass"]},
+        {"sku": "CARD-7", "qty": 40, "price": 0.5},
+    ],
     "status": "paid",
     "note": "Leave at the door, please.",
 }
@@ -97,16 +104,53 @@ def _call(name: str, parameters: dict) -> dict:
 
 TOOL_CALL = {
     "anyOf": [
-        _call("get_weather", {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}),
-        _call("search_web", {"type": "object", "properties": {"query": {"type": "string"}, "max_results": {"type": "integer", "minimum": 1, "maximum": 50}}, "required": ["query"]}),
-        _call("send_email", {"type": "object", "properties": {"to": {"type": "array", "items": {"type": "string", "format": "email"}}, "subject": {"type": "string"}, "body": {"type": "string"}}, "required": ["to", "subject", "body"]}),
+        _call(
+            "get_weather",
+            {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city"],
+            },
+        ),
+        _call(
+            "search_web",
+            {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string"},
+                    "max_results": {"type": "integer", "minimum": 1, "maximum": 50},
+                },
+                "required": ["query"],
+            },
+        ),
+        _call(
+            "send_email",
+            {
+                "type": "object",
+                "properties": {
+                    "to": {"type": "array", "items": {"type": "string", "format": "email"}},
+                    "subject": {"type": "string"},
+                    "body": {"type": "string"},
+                },
+                "required": ["to", "subject", "body"],
+            },
+        ),
     ]
 }
-TOOL_CALL_INSTANCE = {"name": "send_email", "arguments": {"to": ["bob@example.org"], "subject": "Lunch", "body": "Noon at the usual place?"}}
+TOOL_CALL_INSTANCE = {
+    "name": "send_email",
+    "arguments": {"to": ["bob@example.org"], "subject": "Lunch", "body": "Noon at the usual place?"},
+}
 
 CASES = {
-    "order (nested, $ref, anyOf, enum, pattern, format)": ({"type": "json_schema", "schema": ORDER, "strict": True}, ORDER_INSTANCE),
-    "tool call (anyOf of 3 functions)": ({"type": "json_schema", "schema": TOOL_CALL, "strict": True}, TOOL_CALL_INSTANCE),
+    "order (nested, $ref, anyOf, enum, pattern, format)": (
+        {"type": "json_schema", "schema": ORDER, "strict": True},
+        ORDER_INSTANCE,
+    ),
+    "tool call (anyOf of 3 functions)": (
+        {"type": "json_schema", "schema": TOOL_CALL, "strict": True},
+        TOOL_CALL_INSTANCE,
+    ),
     "json_object": ({"type": "json_object"}, ORDER_INSTANCE),
 }
 
@@ -162,8 +206,13 @@ def xgrammar_costs(tokenizer_json: str, eos_ids: list[int], repeats: int) -> dic
     t0 = time.perf_counter()
     info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=len(hf), stop_token_ids=eos_ids)
     compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-    out = {"version": xgrammar.__version__ if hasattr(xgrammar, "__version__") else "?", "import_s": import_s,
-           "import_pulls_in": pulls, "tokenizer_build_ms": (time.perf_counter() - t0) * 1e3, "cases": {}}
+    out = {
+        "version": xgrammar.__version__ if hasattr(xgrammar, "__version__") else "?",
+        "import_s": import_s,
+        "import_pulls_in": pulls,
+        "tokenizer_build_ms": (time.perf_counter() - t0) * 1e3,
+        "cases": {},
+    }
     for name, (spec, instance) in CASES.items():
         t0 = time.perf_counter()
         if spec["type"] == "json_object":
@@ -229,11 +278,15 @@ def decode_steps(loaded, constrainer: Constrainer, steps: int, rounds: int) -> d
                 times["constrained"].append(constrained_s)
         if not i:
             continue
-        log(f"decode round {i}: plain {statistics.median(times['plain']) * 1e3:.1f} ms/step, "
-            f"constrained {statistics.median(times['constrained']) * 1e3:.1f} ms/step")
-    return {"plain_step_ms": statistics.median(times["plain"]) * 1e3,
-            "constrained_step_ms": statistics.median(times["constrained"]) * 1e3,
-            "steps_timed": [len(times["plain"]), len(times["constrained"])]}
+        log(
+            f"decode round {i}: plain {statistics.median(times['plain']) * 1e3:.1f} ms/step, "
+            f"constrained {statistics.median(times['constrained']) * 1e3:.1f} ms/step"
+        )
+    return {
+        "plain_step_ms": statistics.median(times["plain"]) * 1e3,
+        "constrained_step_ms": statistics.median(times["constrained"]) * 1e3,
+        "steps_timed": [len(times["plain"]), len(times["constrained"])],
+    }
 
 
 def main(argv=None) -> int:
@@ -252,7 +305,9 @@ def main(argv=None) -> int:
     tiny_width = len(json.loads(tiny_json)["model"]["vocab"])
     log("mask costs through kakeya_mlx.constrain (llguidance) ...")
     tokenizers = {
-        f"{loaded.name} (vocab {loaded.vocab_size})": ours_costs(smol_json, loaded.eos_token_ids, loaded.vocab_size, args.repeats),
+        f"{loaded.name} (vocab {loaded.vocab_size})": ours_costs(
+            smol_json, loaded.eos_token_ids, loaded.vocab_size, args.repeats
+        ),
         f"tiny test model (vocab {tiny_width})": ours_costs(tiny_json, tiny_eos, tiny_width, args.repeats),
     }
     log("decode steps, plain and constrained ...")
@@ -265,7 +320,10 @@ def main(argv=None) -> int:
     log("xgrammar, if installed ...")
     xgrammar = {
         name: xgrammar_costs(text, eos, args.repeats)
-        for name, text, eos in [(list(tokenizers)[0], smol_json, loaded.eos_token_ids), (list(tokenizers)[1], tiny_json, tiny_eos)]
+        for name, text, eos in [
+            (list(tokenizers)[0], smol_json, loaded.eos_token_ids),
+            (list(tokenizers)[1], tiny_json, tiny_eos),
+        ]
     }
     import llguidance
 
@@ -284,18 +342,26 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"backend {result['backend']}; decode model {loaded.name} ({loaded.dtype}); llguidance {result['llguidance']}")
-    print(f"decode step: plain {decode['plain_step_ms']:.1f} ms, constrained {decode['constrained_step_ms']:.1f} ms "
-          f"-> ratio {decode['constrained_over_plain']:.3f}")
+    print(
+        f"backend {result['backend']}; decode model {loaded.name} ({loaded.dtype}); llguidance {result['llguidance']}"
+    )
+    print(
+        f"decode step: plain {decode['plain_step_ms']:.1f} ms, constrained {decode['constrained_step_ms']:.1f} ms "
+        f"-> ratio {decode['constrained_over_plain']:.3f}"
+    )
     for tok_name, costs in tokenizers.items():
         print(f"{tok_name}: tokenizer view built in {costs['tokenizer_build_ms']:.0f} ms")
         for case_name, case in costs["cases"].items():
             pt = case["per_token"]
-            line = (f"  {case_name}: compile {case['compile_ms']:.1f} ms; mask+accept mean {pt['mean_us']:.1f} us "
-                    f"(p99 {pt['p99_us']:.0f} us) = {case['mask_over_decode_step']:.2e} of a decode step")
+            line = (
+                f"  {case_name}: compile {case['compile_ms']:.1f} ms; mask+accept mean {pt['mean_us']:.1f} us "
+                f"(p99 {pt['p99_us']:.0f} us) = {case['mask_over_decode_step']:.2e} of a decode step"
+            )
             other = (xgrammar.get(tok_name) or {}).get("cases", {}).get(case_name)
             if other:
-                line += f"; xgrammar compile {other['compile_ms']:.1f} ms, per token {other['per_token']['mean_us']:.1f} us"
+                line += (
+                    f"; xgrammar compile {other['compile_ms']:.1f} ms, per token {other['per_token']['mean_us']:.1f} us"
+                )
             print(line)
     print(f"wrote {out}")
     return 0

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from kakeya_mlx.constrain import check_json_schema
 from kakeya_mlx.errors import EngineError
 from kakeya_mlx.sampling import SamplingParams
-from kakeya_mlx.toolcalls import TOOL_NAME, Tool, ToolCall, ToolCallDelta, ToolCallFormat, ToolChoice, tool_choice_constraint
+from kakeya_mlx.toolcalls import (
+    TOOL_NAME,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFormat,
+    ToolChoice,
+    tool_choice_constraint,
+)
 
 # Engine error codes -> HTTP status and Anthropic error type.
 ERROR_STATUS = {
@@ -106,7 +114,9 @@ def _parse(body: object, count_only: bool) -> MessagesRequest:
     prefill = None
     if messages[-1]["role"] == "assistant":
         if messages[-1].get("tool_calls"):
-            raise _bad(f"messages[{len(body['messages']) - 1}]", "a final assistant message cannot hold tool_use blocks")
+            raise _bad(
+                f"messages[{len(body['messages']) - 1}]", "a final assistant message cannot hold tool_use blocks"
+            )
         prefill = messages.pop()["content"]
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -133,7 +143,12 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise _bad(name, f"must be a number in [{low:g}, {high:g}]")
     return float(value)
 
@@ -174,7 +189,7 @@ def _texts(blocks: list, where: str) -> str:
     parts = []
     for i, block in enumerate(blocks):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            raise _bad(f"{where}[{i}]", "must be a text block ({\"type\": \"text\", \"text\": ...})")
+            raise _bad(f"{where}[{i}]", 'must be a text block ({"type": "text", "text": ...})')
         parts.append(block["text"])
     return "\n\n".join(parts)
 
@@ -188,7 +203,7 @@ def _messages(value: object) -> list[dict]:
     for i, message in enumerate(value):
         at = f"messages[{i}]"
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise _bad(f"{at}.role", "must be \"user\" or \"assistant\"")
+            raise _bad(f"{at}.role", 'must be "user" or "assistant"')
         content = message.get("content")
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
@@ -218,7 +233,9 @@ def _assistant(blocks: list, at: str) -> dict:
             if not isinstance(block.get("input"), dict):
                 raise _bad(f"{where}.input", "must be an object")
             arguments = json.dumps(block["input"], ensure_ascii=False)
-            calls.append({"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}})
+            calls.append(
+                {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}}
+            )
         elif kind in ("thinking", "redacted_thinking"):
             continue  # reasoning from another model; this one does not read it back
         else:
@@ -241,7 +258,9 @@ def _user(blocks: list, at: str, open_ids: set[str]) -> list[dict]:
                 raise _bad(where, "tool_result blocks must come before any text in a user message")
             use_id = block.get("tool_use_id")
             if use_id not in open_ids:
-                raise _bad(f"{where}.tool_use_id", "must be the id of a tool_use block in the assistant message just before")
+                raise _bad(
+                    f"{where}.tool_use_id", "must be the id of a tool_use block in the assistant message just before"
+                )
             content = block.get("content", "")
             if isinstance(content, list):
                 content = _texts(content, f"{where}.content")
@@ -333,7 +352,13 @@ def stop_reason(engine_reason: str, tool_calls: bool) -> str:
 
 
 def message_response(
-    message_id: str, model: str, text: str | None, tool_calls: Sequence[ToolCall], reason: str, stop_sequence: str | None, usage: Usage
+    message_id: str,
+    model: str,
+    text: str | None,
+    tool_calls: Sequence[ToolCall],
+    reason: str,
+    stop_sequence: str | None,
+    usage: Usage,
 ) -> dict:
     """The non-streamed reply: text and tool_use content blocks, stop reason and usage."""
     content: list[dict] = [{"type": "text", "text": text}] if text else []
@@ -380,7 +405,9 @@ class MessageStream:
         if not piece:
             return []
         out = [] if self._open == "text" else self._begin({"type": "text", "text": ""}, "text")
-        return out + [sse({"type": "content_block_delta", "index": self._index, "delta": {"type": "text_delta", "text": piece}})]
+        return out + [
+            sse({"type": "content_block_delta", "index": self._index, "delta": {"type": "text_delta", "text": piece}})
+        ]
 
     def tool_call(self, delta: ToolCallDelta) -> list[bytes]:
         out = []
@@ -389,7 +416,15 @@ class MessageStream:
             self._calls[delta.index] = self._index
         if delta.arguments:
             index = self._calls[delta.index]
-            out.append(sse({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": delta.arguments}}))
+            out.append(
+                sse(
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "input_json_delta", "partial_json": delta.arguments},
+                    }
+                )
+            )
         return out
 
     def finish(self, reason: str, stop_sequence: str | None, output_tokens: int) -> list[bytes]:

@@ -6,6 +6,7 @@ fails validation leaves its session exactly as it was.
 """
 
 import asyncio
+import logging
 import time
 import uuid
 import weakref
@@ -344,6 +345,7 @@ class Engine:
                 turn.deliver(item)
 
         def on_error(exc: BaseException) -> None:
+            logging.getLogger("kakeya.engine").error("generation in session %s failed", session.id, exc_info=exc)
             # The cache may hold a half-written step: rebuild it from the history,
             # which is exact because the cache state is canonical.
             session.cache = type(session.cache)(session.cache.shape, session.cache.ropes)

@@ -65,6 +65,10 @@ def _rope_kind(rope) -> str:
         return "llama3"
     if isinstance(rope, rope_utils.YarnRoPE):
         return f"yarn mscale={rope.mscale:.3f}"
+    if isinstance(rope, rope_utils.SuScaledRoPE):
+        return f"longrope scale={rope._scale:.3f}"
+    if isinstance(rope, rope_utils.DynamicNTKScalingRoPE):
+        return f"dynamic factor={rope.factor}"
     return f"plain traditional={rope.traditional}"
 
 
@@ -75,6 +79,8 @@ EXPECTED_ROPE = {
     "llama3": "llama3",
     "llama-yarn": "yarn mscale=1.139",  # 0.1 * ln(4) + 1: the input scaling is exercised
     "llama-traditional": "plain traditional=True",
+    "llama-longrope": "longrope scale=1.155",  # sqrt(1 + ln(256 / 64) / ln 64)
+    "llama-dynamic": "dynamic factor=2.0",
 }
 
 

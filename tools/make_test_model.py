@@ -8,9 +8,9 @@ tokenizer_config.json, generation_config.json) and loads with `mlx_lm.utils.load
 unchanged. The tokenizer is a real byte-level BPE trained on a fixed English text.
 The same variant, seed and options give byte-identical files.
 
-Variants cover the RoPE kinds the sink+window cache must re-rotate exactly: plain
-(Qwen3 with q/k norms, Llama, Qwen2), Llama-3 scaled, YaRN with mscale, and
-"traditional" (interleaved, as in GGUF-converted Llama models).
+Variants cover every RoPE kind the sink+window cache claims to re-rotate exactly
+(kakeya_mlx/rope.py): plain (Qwen3 with q/k norms, Llama, Qwen2), Llama-3 scaled,
+YaRN with mscale, longrope, dynamic NTK, and "traditional" (interleaved).
 """
 
 import argparse
@@ -110,6 +110,25 @@ VARIANTS: dict[str, dict] = {
         },
     },
     "llama-traditional": {"model_type": "llama", "tie_word_embeddings": True, "rope_traditional": True},
+    # Phi-3's "longrope" on a Llama body: per-frequency factors and an input scale
+    # (sqrt(1 + ln 4 / ln 64) at the default 256 positions).
+    "llama-longrope": {
+        "model_type": "llama",
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "rope_type": "longrope",
+            "original_max_position_embeddings": 64,
+            "short_factor": [1.0] * 8,
+            "long_factor": [1.0, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 4.0],
+        },
+    },
+    # Dynamic NTK changes its base only past the trained length, which
+    # cache-relative positions never reach.
+    "llama-dynamic": {
+        "model_type": "llama",
+        "tie_word_embeddings": False,
+        "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+    },
 }
 
 # Projections are drawn at 2.5 / sqrt(fan_in): with a smaller gain, random tiny models

@@ -43,6 +43,9 @@ class Session:
         self.last_used_at = self.created_at
         self.turn = None  # the running turn (the engine's _Turn), set and cleared on the event loop
         self.cancel_requested = threading.Event()
+        # Where the assistant turn opened by the last `messages` append begins in the
+        # history; None when the history does not end inside such a turn (see chat.py).
+        self.chat_reply_start: Optional[int] = None
 
     @property
     def pending(self) -> int:

@@ -22,7 +22,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from . import platform
 from .cache import kv_bytes_per_token
 from .errors import ModelLoadError, UnsupportedModelError
-from .gguf import DTYPES, Progress, convert_gguf, find_smollm2_gguf
+from .gguf import DTYPES, FORMAT_VERSION, Progress, convert_gguf, find_smollm2_gguf
 from .rope import RopeSpec, layer_shifters
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ def check_model_type(config: dict, path: Path) -> str:
 
 def default_model_dir(dtype: str | None) -> Path:
     """Where the default model converted to `dtype` (None: kept 4-bit) is cached."""
-    return platform.default_cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{_DTYPE_LABELS[dtype]}"
+    label = f"{DEFAULT_MODEL_NAME}-{_DTYPE_LABELS[dtype]}-v{FORMAT_VERSION}"
+    return platform.default_cache_dir() / "models" / label
 
 
 def _default_model(dtype: str | None, say: Callable[[str], None]) -> Path:

@@ -15,17 +15,19 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
-from . import chat, platform
+from . import chat
 from .cache import CacheShape
 from .compute import ComputeThread
 from .errors import BusyError, InvalidArgumentError, NotFoundError
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
+from .probe import probe
 from .rope import layer_shifters
 from .sampling import SamplingParams
 from .session import GenerateRequest, Session, advance, generate
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
+log = logging.getLogger("kakeya.engine")
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -37,8 +39,8 @@ class EngineConfig:
     max_append_tokens: int = 32768
     max_new_tokens: int = 4096
     # Recompute each completed block in one forward pass. Needed for exact
-    # chunking invariance only where the backend's forward pass is not
-    # batch-invariant; None lets the platform decide.
+    # chunking invariance only where a block computed at once and in pieces
+    # differ; None decides by probing the running backend (probe.py).
     recompute_blocks: Optional[bool] = None
 
     def cache_shape(self, max_positions: int) -> CacheShape:
@@ -71,11 +73,13 @@ class Engine:
         self.config = config
         self.shape = config.cache_shape(loaded.max_position_embeddings)
         self.ropes = layer_shifters(loaded.model, self.shape.bound)
-        self.recompute_blocks = (
-            config.recompute_blocks
-            if config.recompute_blocks is not None
-            else not platform.forward_is_batch_invariant()
-        )
+        if config.recompute_blocks is None:
+            found = probe(loaded.model, loaded.vocab_size)
+            self.recompute_blocks = not found.chunk_invariant
+            log.info("%s: recompute_blocks=%s", found.describe(), self.recompute_blocks)
+        else:
+            self.recompute_blocks = config.recompute_blocks
+            log.info("recompute_blocks=%s, as configured (not probed)", self.recompute_blocks)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.counters = {"tokens_in": 0, "tokens_out": 0, "generations": 0, "prefill_s": 0.0, "decode_s": 0.0}
         self._sessions: dict[str, Session] = {}
@@ -344,7 +348,7 @@ class Engine:
                 turn.deliver(item)
 
         def on_error(exc: BaseException) -> None:
-            logging.getLogger("kakeya.engine").error("generation in session %s failed", session.id, exc_info=exc)
+            log.error("generation in session %s failed", session.id, exc_info=exc)
             # The cache may hold a half-written step: rebuild it from the history,
             # which is exact because the cache state is canonical.
             session.cache = type(session.cache)(session.cache.shape, session.cache.ropes)

@@ -1,9 +1,11 @@
 """Every test-model variant, so every RoPE kind the cache claims, is served end to end.
 
 Each variant is loaded on this thread and served by a real daemon on a real Unix
-socket; a generate runs on the engine's compute thread well past the window. A lazy
-array made at load (mlx-lm's RoPE frequencies) cannot be evaluated on another thread,
-so this is where such a model would fail.
+socket; a generate runs on the engine's compute thread well past the window, and
+until the window first slides its tokens are mlx-lm's own greedy tokens. (That no
+array is left lazy for the compute thread by the loader is test_loader.py's check:
+the engine's start-up probe runs the model on the starting thread, which would
+hide it here.)
 """
 
 import dataclasses
@@ -83,13 +85,13 @@ async def test_an_internal_error_is_logged_with_its_traceback(make_model, sock_d
     internal error and the log holds the exception with its traceback."""
     path = make_model("llama3")
     loaded = load_model(path)
-    for layer in loaded.model.layers:
-        layer.self_attn.rope._freqs = layer.self_attn.rope._freqs * 1.0  # lazy, on this thread
     records = _Records()
     logger = logging.getLogger("kakeya.engine")
     logger.addHandler(records)
     try:
         async with running_daemon(make_config(path, sock_dir), loaded=loaded) as daemon:
+            for layer in loaded.model.layers:  # lazy, on this thread, once the engine has started
+                layer.self_attn.rope._freqs = layer.self_attn.rope._freqs * 1.0
             async with AsyncClient(daemon.socket_path) as client:
                 session = await client.create_session()
                 await session.append(text=PROMPT)

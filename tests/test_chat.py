@@ -13,17 +13,20 @@ tokenizer it also needs the model's tokens to be the canonical encoding of their
 text; see test_a_reply_in_a_merging_tokenizer_closes_exactly_by_text).
 """
 
-import asyncio
 import dataclasses
 
 import mlx.core as mx
 import pytest
 
+from kakeya_client import AsyncClient
+from kakeya_client.events import TokensEvent
+from kakeya_daemon.server import running_daemon
 from kakeya_mlx import chat
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.errors import InvalidArgumentError
 from kakeya_mlx.events import DoneEvent, TokenEvent
 from kakeya_mlx.loader import load_model
+from test_daemon import make_config, sock_dir  # noqa: F401  (fixture)
 
 FORMATS = ["chatml", "llama3", "mistral"]
 CONFIG = EngineConfig(sink=4, window=200, block=8)  # no eviction: cache positions follow the history
@@ -284,3 +287,23 @@ async def test_a_reply_in_a_merging_tokenizer_closes_exactly_by_text(loaded_qwen
     before, _, after = rendered.partition(streamed + "<|im_end|>")
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     assert history == encode(before) + done.token_ids + encode("<|im_end|>" + after)
+
+
+async def test_through_the_daemon_append_returns_the_ids_that_continue_the_conversation(make_model, sock_dir):
+    """Over the wire: the ids `append` returns and the generated ids together are the
+    tokenization of the rendered conversation."""
+    path = _model_dir(make_model, "chatml")
+    loaded = load_model(path)
+    async with running_daemon(make_config(path, sock_dir), loaded=loaded) as daemon:
+        async with AsyncClient(daemon.socket_path) as client:
+            session = await client.create_session()
+            first = await session.append(messages=FIRST)
+            async with session.generate(max_tokens=REPLY_TOKENS) as stream:
+                events = [event async for event in stream]
+            second = await session.append(messages=NEXT)
+            info = await session.info()
+    streamed = "".join(e.text for e in events if isinstance(e, TokensEvent))
+    generated = [t for e in events if isinstance(e, TokensEvent) for t in e.tokens]
+    conversation = [*FIRST, _assistant(streamed), *NEXT]
+    assert first["tokens"] + generated + second["tokens"] == _ids(loaded, conversation)
+    assert info["history_length"] == len(_ids(loaded, conversation)) and events[-1].stop_reason == "max_tokens"

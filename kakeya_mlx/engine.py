@@ -29,6 +29,7 @@ from .session import GenerateRequest, Session, advance, generate
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
 log = logging.getLogger("kakeya.engine")
 
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Cache sizes and request limits. `window=None` fills the model's trained range up to 2048."""

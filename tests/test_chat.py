@@ -200,7 +200,7 @@ async def test_the_next_messages_continue_exactly_as_the_template_renders(loaded
 @pytest.mark.xfail(strict=True, reason="stop-string rollback lands with the scheduler")
 async def test_the_next_messages_continue_exactly_after_a_stop_string(loaded):
     done, streamed, _ = await _conversation_after(loaded, "stop_sequence")
-    assert done.stop_reason == "stop_sequence" and len(streamed) == CUT
+    assert done.stop_reason == "stop_sequence" and 0 < len(streamed) <= CUT
 
 
 async def test_a_written_reply_fills_the_open_turn_without_a_second_header(loaded):

@@ -6,6 +6,7 @@ fails validation leaves its session exactly as it was.
 """
 
 import asyncio
+import logging
 import time
 import uuid
 import weakref
@@ -14,24 +15,22 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
-from . import platform
+from . import chat
 from .cache import CacheShape
 from .compute import ComputeThread
+from .decode import GenerateRequest, Generation
 from .errors import BusyError, InvalidArgumentError, NotFoundError
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
+from .probe import probe
 from .rope import layer_shifters
-from .decode import GenerateRequest, Generation
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .session import Session, prefill_piece
 from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
-
-# Lets a chat turn be rendered as a continuation: the template's output for
-# probe + new messages, minus its output for the probe alone.
-_PROBE = [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": "\x00"}]
+log = logging.getLogger("kakeya.engine")
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,9 @@ class EngineConfig:
     max_append_tokens: int = 32768
     max_new_tokens: int = 4096
     # Recompute each completed block, and a tail that arrived in pieces, in one
-    # forward pass. Needed for exact chunking invariance only where the backend's
-    # forward pass is not chunk-invariant; None lets the platform decide.
+    # forward pass. Needed for exact chunking invariance only where a block
+    # computed at once and in pieces differ; None decides by probing the running
+    # backend (probe.py).
     recompute_blocks: Optional[bool] = None
     # Most decoding turns put through the model in one forward pass; 1 computes
     # each session's tokens on their own.
@@ -102,11 +102,13 @@ class Engine:
             num_draft_tokens=config.num_draft_tokens,
             draft=DraftModel(draft, self.shape) if draft is not None else None,
         )
-        self.recompute_blocks = (
-            config.recompute_blocks
-            if config.recompute_blocks is not None
-            else not platform.forward_is_batch_invariant()
-        )
+        if config.recompute_blocks is None:
+            found = probe(loaded.model, loaded.vocab_size)
+            self.recompute_blocks = not found.chunk_invariant
+            log.info("%s: recompute_blocks=%s", found.describe(), self.recompute_blocks)
+        else:
+            self.recompute_blocks = config.recompute_blocks
+            log.info("recompute_blocks=%s, as configured (not probed)", self.recompute_blocks)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.counters = {
             "tokens_in": 0,
@@ -179,27 +181,15 @@ class Engine:
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def render_messages(self, messages: list[dict], continuation: bool, add_generation_prompt: bool) -> str:
-        """Render chat messages with the model's template, as a continuation if asked."""
-        tokenizer = self.loaded.tokenizer
+        """Render chat messages with the model's template; as a continuation after a closed turn if asked."""
+        self._check_chat_template()
+        if not continuation:
+            return chat.render(self.loaded.tokenizer, messages, add_generation_prompt)
+        return chat.after_closed_turn(self.loaded.tokenizer, messages, add_generation_prompt)
+
+    def _check_chat_template(self) -> None:
         if not self.loaded.chat_template:
             raise InvalidArgumentError("this model has no chat template; append text or tokens instead")
-
-        def render(msgs, gen):
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-        try:
-            if not continuation:
-                return render(messages, add_generation_prompt)
-            base = render(_PROBE, False)
-            full = render(_PROBE + messages, add_generation_prompt)
-        except Exception as exc:
-            raise InvalidArgumentError(f"the chat template could not render these messages: {exc}") from exc
-        if not full.startswith(base):
-            raise InvalidArgumentError(
-                "this model's chat template cannot render a continuation of a conversation; "
-                "append the turn as text or tokens instead"
-            )
-        return full[len(base) :]
 
     # ---- sessions --------------------------------------------------------
 
@@ -293,7 +283,9 @@ class Engine:
     ) -> dict:
         """Append to a session's history; exactly one of tokens, text or messages.
 
-        The model runs over appended tokens at the next generate.
+        Messages continue the conversation exactly as the chat template renders it
+        (see chat.py). The model runs over appended tokens at the next generate.
+        Returns the ids appended, their count and the history length after.
         """
         session = self._get(session_id)
         given = [name for name, v in (("tokens", tokens), ("text", text), ("messages", messages)) if v is not None]
@@ -303,6 +295,7 @@ class Engine:
             )
         if session.turn is not None:
             raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
+        length = len(session.history)
         if text is not None:
             if not isinstance(text, str):
                 raise InvalidArgumentError("text must be a string")
@@ -311,14 +304,27 @@ class Engine:
             tokens = await asyncio.to_thread(self._encode, text, not session.history)
         elif messages is not None:
             _check_messages(messages)
-            rendered = self.render_messages(messages, bool(session.history), add_generation_prompt)
+            self._check_chat_template()
+            rendered = chat.continuation(
+                self.loaded.tokenizer,
+                messages,
+                add_generation_prompt,
+                session.history,
+                session.chat_reply_start,
+                self.eos_token_ids,
+            )
             tokens = await asyncio.to_thread(self._encode, rendered, False)
         self._check_token_ids(tokens)
         if session.turn is not None:  # a generate may have started while text was tokenized
             raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
+        if len(session.history) != length:  # the text was rendered for the history as it was
+            raise BusyError(f"another append to session {session_id!r} landed while this one was tokenized; append again")
         session.history.extend(int(t) for t in tokens)
+        # A generation prompt opens an assistant turn; anything else leaves none open.
+        opened = messages is not None and chat.opens_turn(messages, add_generation_prompt)
+        session.chat_reply_start = len(session.history) if opened else None
         session.last_used_at = time.time()
-        return {"appended": len(tokens), "history_length": len(session.history)}
+        return {"appended": len(tokens), "history_length": len(session.history), "tokens": [int(t) for t in tokens]}
 
     async def prefill(self, session_id: str) -> dict:
         """Run the pending history through the model now, without generating."""
@@ -521,4 +527,6 @@ def _check_messages(messages) -> None:
         raise InvalidArgumentError("messages must be a non-empty list of {role, content} maps")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InvalidArgumentError(f"messages[{i}] must be a map with string role and content")
+            raise InvalidArgumentError(
+                f"messages[{i}] must be a map with string role and content, not {chat.shown(m)}"
+            )

@@ -33,6 +33,9 @@ class Session:
         self.speculation = None  # speculative.Speculation, made by the first turn that drafts
         self.speculative: Optional[str] = None  # this session's default mode, None: the engine's
         self.num_draft_tokens: Optional[int] = None
+        # Where the assistant turn opened by the last `messages` append begins in the
+        # history; None when the history does not end inside such a turn (see chat.py).
+        self.chat_reply_start: Optional[int] = None
 
     @property
     def pending(self) -> int:

@@ -119,11 +119,20 @@ class TokenMatcher:
         return mx.stack(masks)
 
     def _try(self, tokens: Sequence[int], after_each: Callable[[], None] | None = None) -> int:
-        """Advance over the allowed prefix of `tokens`, calling `after_each` per token, then undo it."""
+        """Advance over the allowed prefix of `tokens`, calling `after_each` per token, then undo it.
+
+        An end token is counted when the text so far is complete but never consumed:
+        llguidance cannot roll back past one (its state is corrupt afterwards), and
+        nothing may follow it anyway.
+        """
         taken = 0
+        ended = 0
         try:
             for token in tokens:
-                if not self._allows(token) or not self._matcher.consume_token(token):
+                if token in self._eos:
+                    ended = int(self._matcher.is_accepting() or self._matcher.is_stopped())
+                    break
+                if not self._matcher.validate_tokens([token]) == 1 or not self._matcher.consume_token(token):
                     break
                 taken += 1
                 if after_each is not None:
@@ -131,7 +140,7 @@ class TokenMatcher:
         finally:
             if taken:
                 self._matcher.rollback(taken)
-        return taken
+        return taken + ended
 
     def _allows(self, token_id: int) -> bool:
         if token_id in self._eos:

@@ -53,6 +53,8 @@ class GenerateRequest:
     started_at: float
     speculative: str = "off"  # off, auto, prompt_lookup or draft, already resolved against the defaults
     num_draft_tokens: int = 4
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives reported per token, with logprobs
 
 
 class Generation:
@@ -66,7 +68,9 @@ class Generation:
         deliver: Callable[[list], None],
         recompute: bool,
         spec: Optional[SpecContext] = None,
+        matcher=None,
     ):
+        """`matcher`: a constrain.TokenMatcher the tokens must satisfy (structured output), or None."""
         self.session = session
         self.request = request
         self.tokenizer = tokenizer
@@ -77,6 +81,10 @@ class Generation:
         self.spec = spec if request.speculative != "off" else None
         self.drafts: list[int] = []  # drafted to follow next_token this step
         self.draft_probs: Optional[list] = None  # the draft model's distributions, when sampling
+        self.matcher = matcher
+        self.verify_masks: Optional[mx.array] = None  # the constraint's mask after each fed token
+        self.next_scores: Optional[mx.array] = None  # the logits next_token was picked from (for logprobs)
+        self.token_logprobs: list = []  # (logprob, top) for each generated token, when asked
         self.drafter: Optional[str] = None
         self.bonus: Optional[mx.array] = None  # the target's own token after the ones it took
         self.drafted = self.accepted = 0
@@ -131,9 +139,25 @@ class Generation:
 
     def _pick(self, logits: mx.array) -> mx.array:
         context = self.request.sampling.repetition_context
-        token = self.sampler.pick(logits, self.session.history[-context:])
+        mask = self.matcher.allowed_mask() if self.matcher is not None else None
+        token = self.sampler.pick(logits, self.session.history[-context:], mask)
+        self.next_scores = logits
         mx.async_eval(token)
         return token
+
+    def _scores(self, logits: mx.array, token_id: int) -> Optional[tuple]:
+        """(logprob of token_id, top alternatives) under the model's own distribution, when asked for."""
+        if not self.request.logprobs:
+            return None
+        logprobs = logits.astype(mx.float32)[0]
+        logprobs = logprobs - mx.logsumexp(logprobs)
+        n = self.request.top_logprobs
+        if n:
+            top = mx.argpartition(-logprobs, n - 1)[:n]
+            values, ids = mx.concatenate([logprobs[token_id : token_id + 1], logprobs[top]]).tolist(), top.tolist()
+            alternatives = sorted(zip(ids, values[1:]), key=lambda pair: -pair[1])
+            return values[0], tuple(alternatives)
+        return logprobs[token_id].item(), None
 
     # ---- decoding ----------------------------------------------------------
 
@@ -175,12 +199,29 @@ class Generation:
                 self.drafts = state.lookup.propose(self.session.history + [t0], k)
             if self.drafts or mode == "prompt_lookup":
                 self.drafter = "prompt_lookup"
-                return
+                return self._constrain_drafts(t0)
         if spec.draft is not None and mode in ("auto", "draft"):
             k = state.policies["draft"].choose(k_max, spec.costs, spec.draft_cost, forced=mode != "auto")
             if k:
                 self.drafts, self.draft_probs = self._draft_with_model(t0, k)
                 self.drafter = "draft"
+                self._constrain_drafts(t0)
+
+    def _constrain_drafts(self, t0: int) -> None:
+        """Keep the drafts the constraint allows, and its mask after each fed token for verification."""
+        self.verify_masks = None
+        if self.matcher is None or not self.drafts:
+            return
+        eos = self.request.eos_token_ids
+        ends = [i for i, d in enumerate(self.drafts) if d in eos]
+        if ends:  # the end of a constrained reply is the target's own choice
+            self.drafts = self.drafts[: ends[0]]
+        valid = self.matcher.valid_prefix_length([t0, *self.drafts])
+        self.drafts = self.drafts[: max(0, valid - 1)]
+        if self.draft_probs is not None:
+            self.draft_probs = self.draft_probs[: len(self.drafts)]
+        if self.drafts:
+            self.verify_masks = self.matcher.draft_masks([t0, *self.drafts])[1:]
 
     def _speculation(self) -> Speculation:
         session = self.session
@@ -262,14 +303,15 @@ class Generation:
         for layer in cache.layers:
             layer.offset = cache.length + len(tokens)
         for i, token_id in enumerate(tokens):
-            if not self._take_token(token_id, logits[i : i + 1]):
+            scores = self.next_scores if i == 0 else logits[i - 1 : i]
+            if not self._take_token(token_id, logits[i : i + 1], scores):
                 return
         self._after_draft(len(tokens))
         if self.recompute and cache.room_in_block() == 0 and cache.tail_pieces > 1:
             recompute_tail(model, self.session)
             self.next_token = self._pick(self.session.logits)
         else:
-            self.next_token = self.bonus
+            self.next_token, self.next_scores = self.bonus, logits[len(tokens) - 1 : len(tokens)]
             mx.async_eval(self.next_token)
 
     def _verify(self, fed: list[int], logits: mx.array) -> int:
@@ -278,8 +320,9 @@ class Generation:
         context = sampling.repetition_context
         history = self.session.history
         contexts = [(history + fed[: i + 1])[-context:] for i in range(len(fed))]
+        masks = self.verify_masks if self.verify_masks is not None else [None] * len(fed)
         if sampling.greedy:
-            choices = [self.sampler.pick(logits[i : i + 1], contexts[i]) for i in range(len(fed))]
+            choices = [self.sampler.pick(logits[i : i + 1], contexts[i], masks[i]) for i in range(len(fed))]
             values = mx.concatenate(choices).tolist()
             taken = 1
             while taken < len(fed) and values[taken - 1] == fed[taken]:
@@ -288,7 +331,7 @@ class Generation:
             return taken
         # Speculative sampling: take draft x with probability min(1, p(x) / q(x)); at the first
         # refusal draw from the leftover max(0, p - q); after the last draft draw from p.
-        p = [mx.exp(self.sampler.logprobs(logits[i : i + 1], contexts[i])) for i in range(len(fed))]
+        p = [mx.exp(self.sampler.logprobs(logits[i : i + 1], contexts[i], masks[i])) for i in range(len(fed))]
         drafts = fed[1:]
         q = self.draft_probs
         checks, fallbacks = [], []
@@ -319,24 +362,32 @@ class Generation:
     def take_plain(self, token_id: int, logits: mx.array, model: nn.Module) -> None:
         """The model has run next_token (`token_id`); `logits` follow it."""
         cache = self.session.cache
-        if not self._take_token(token_id, logits):
+        if not self._take_token(token_id, logits, self.next_scores):
             return
         if self.recompute and cache.room_in_block() == 0 and cache.tail_pieces > 1:
             recompute_tail(model, self.session)
         self.next_token = self._pick(self.session.logits)
 
-    def _take_token(self, token_id: int, logits: mx.array) -> bool:
-        """Add one token the model has run to the history; False once the turn has finished."""
+    def _take_token(self, token_id: int, logits: mx.array, scores: Optional[mx.array]) -> bool:
+        """Add one token the model has run to the history; False once the turn has finished.
+
+        `logits` follow the token; `scores` are the logits it was picked from.
+        """
         session, request = self.session, self.request
         session.history.append(token_id)
         session.cache.add_tail([token_id])
         session.logits = logits
         self.generated.append(token_id)
+        self.token_logprobs.append(self._scores(scores, token_id) if scores is not None else None)
         if self.t_first is None:
             self.t_first = time.perf_counter()
         self.stream.add(token_id)
+        if self.matcher is not None and not (token_id in request.eos_token_ids and self.matcher.is_finished()):
+            self.matcher.accept(token_id)  # a finished matcher takes nothing more; its end token just ends the turn
         if token_id in request.eos_token_ids:
             self.finish("eos")
+        elif self.matcher is not None and self.matcher.is_finished() and not request.eos_token_ids:
+            self.finish("eos")  # the constrained text is complete and the model has no end token to say so
         elif self.stream.stopped:
             self.finish("stop_sequence")
         else:
@@ -347,8 +398,9 @@ class Generation:
 
     def _release(self) -> None:
         for token_id, text in self.stream.take():
+            scores = self.token_logprobs[len(self.released)] if self.request.logprobs else None
             self.released.append(token_id)
-            self.events.append(TokenEvent(token_id, text))
+            self.events.append(TokenEvent(token_id, text, *(scores or (None, None))))
         if self.snapshot is not None:
             first_held = len(self.session.history) - self.stream.pending_tokens
             if first_held >= self.session.cache.committed_position:

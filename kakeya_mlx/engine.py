@@ -7,6 +7,7 @@ fails validation leaves its session exactly as it was.
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 import weakref
@@ -18,6 +19,7 @@ import mlx.core as mx
 from . import chat
 from .cache import CacheShape
 from .compute import ComputeThread
+from .constrain import Constraint, Constrainer
 from .decode import GenerateRequest, Generation
 from .errors import BusyError, InvalidArgumentError, NotFoundError
 from .events import DoneEvent, TokenEvent, TruncatedEvent
@@ -30,6 +32,7 @@ from .session import Session, prefill_piece
 from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
+MAX_TOP_LOGPROBS = 20
 log = logging.getLogger("kakeya.engine")
 
 
@@ -124,6 +127,8 @@ class Engine:
             loaded.model, SchedulerConfig(config.decode_batch_size, config.prefill_step_tokens)
         )
         self._thread = ComputeThread(scheduler)
+        self._constrainer_instance: Optional[Constrainer] = None
+        self._constrainer_lock = threading.Lock()
         self._started = False
 
     # ---- lifecycle -------------------------------------------------------
@@ -348,8 +353,22 @@ class Engine:
 
     # ---- generation ------------------------------------------------------
 
+    async def compile_constraint(self, spec: dict, where: str = "constraint") -> Constraint:
+        """Check and compile a structured-output spec (see constrain.py); errors name `where`.
+
+        Runs off the event loop: the first call builds the tokenizer's view (~0.5 s
+        for a 49k vocabulary), later ones take milliseconds or hit a cache.
+        """
+        return await asyncio.to_thread(self._constrainer().compile, spec, where)
+
+    def _constrainer(self) -> Constrainer:
+        with self._constrainer_lock:
+            if self._constrainer_instance is None:
+                self._constrainer_instance = Constrainer.for_model(self.loaded)
+            return self._constrainer_instance
+
     def _generate_request(
-        self, session: Session, max_tokens, sampling, stop, speculative, num_draft_tokens
+        self, session: Session, max_tokens, sampling, stop, speculative, num_draft_tokens, logprobs, top_logprobs
     ) -> GenerateRequest:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise InvalidArgumentError(f"max_tokens={max_tokens!r}: must be an integer")
@@ -375,8 +394,14 @@ class Engine:
         if mode == "draft" and self.spec.draft is None:
             mode = "auto"  # a session default the engine cannot serve now; requests say so explicitly
         k = num_draft_tokens or session.num_draft_tokens or self.spec.num_draft_tokens
+        if not isinstance(logprobs, bool):
+            raise InvalidArgumentError(f"logprobs={str(logprobs)[:40]!r}: must be a boolean")
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(f"top_logprobs={str(top_logprobs)[:40]!r}: must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if top_logprobs and not logprobs:
+            raise InvalidArgumentError("top_logprobs needs logprobs=true")
         return GenerateRequest(
-            max_tokens, sampling, tuple(stop), self.eos_token_ids, time.perf_counter(), mode, k
+            max_tokens, sampling, tuple(stop), self.eos_token_ids, time.perf_counter(), mode, k, logprobs, top_logprobs
         )
 
     def generate(
@@ -387,21 +412,32 @@ class Engine:
         stop: Optional[list[str]] = None,
         speculative: Optional[str] = None,
         num_draft_tokens: Optional[int] = None,
+        constraint: Optional[Constraint] = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> "TurnStream":
         """Start a turn; iterate the returned stream for its events, the last always a DoneEvent.
 
         `speculative` (off, auto, prompt_lookup, draft) and `num_draft_tokens`
-        override the session's and the engine's defaults for this turn. Bad
+        override the session's and the engine's defaults for this turn.
+        `constraint` (from `compile_constraint`) restricts every token to text the
+        spec allows. `logprobs` and `top_logprobs` (up to 20) add the model's log
+        probabilities to each token event. Bad
         arguments, an unknown session or a busy one raise before any event. The
         work starts now, not at the first iteration. Leaving the loop early,
         closing the stream or dropping it unread cancels the turn.
         """
         session = self._get(session_id)
-        request = self._generate_request(session, max_tokens, sampling, stop, speculative, num_draft_tokens)
+        request = self._generate_request(
+            session, max_tokens, sampling, stop, speculative, num_draft_tokens, logprobs, top_logprobs
+        )
+        if constraint is not None and not isinstance(constraint, Constraint):
+            raise InvalidArgumentError("constraint must come from Engine.compile_constraint")
+        matcher = self._constrainer().matcher(constraint) if constraint is not None else None
         turn = self._begin_turn(session)
         turn.on_done = self._count
         job = Generation(
-            session, request, self.loaded.tokenizer, turn.deliver, self.recompute_blocks, self.spec
+            session, request, self.loaded.tokenizer, turn.deliver, self.recompute_blocks, self.spec, matcher
         )
         self._thread.submit(job)
         return TurnStream(turn)

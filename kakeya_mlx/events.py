@@ -8,10 +8,18 @@ STOP_REASONS = ("max_tokens", "eos", "stop_sequence", "cancelled", "error")
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token and the text it completed (empty while a character is partial)."""
+    """One generated token and its text (empty for a token that only began a character).
+
+    When asked for, `logprob` is the token's log probability under the model's own
+    distribution at that step (log-softmax of its logits, before any penalty,
+    temperature, filter or constraint) and `top_logprobs` the likeliest tokens
+    there, as (token id, log probability), most likely first.
+    """
 
     token_id: int
     text: str
+    logprob: Optional[float] = None
+    top_logprobs: Optional[tuple] = None
 
 
 @dataclass(frozen=True)

@@ -109,22 +109,25 @@ class Sampler:
         self._key, draw = mx.random.split(self._key)
         return draw
 
-    def adjusted(self, logits: mx.array, recent: list[int]) -> mx.array:
-        """Logits (rows, vocab) in float32 after the repetition penalty."""
-        return apply_repetition_penalty(logits.astype(mx.float32), recent, self.params.repetition_penalty)
+    def adjusted(self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None) -> mx.array:
+        """Logits (rows, vocab) in float32 after the repetition penalty, and -inf where `mask` is False."""
+        adjusted = apply_repetition_penalty(logits.astype(mx.float32), recent, self.params.repetition_penalty)
+        if mask is not None:
+            adjusted = mx.where(mask, adjusted, mx.array(-float("inf"), mx.float32))
+        return adjusted
 
-    def logprobs(self, logits: mx.array, recent: list[int]) -> mx.array:
-        """The normalized log-distribution sampling draws from: penalty, temperature, then top-k / top-p / min-p."""
-        scaled = self.adjusted(logits, recent) / self.params.temperature
+    def logprobs(self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None) -> mx.array:
+        """The normalized log-distribution sampling draws from: penalty, mask, temperature, then top-k / top-p / min-p."""
+        scaled = self.adjusted(logits, recent, mask) / self.params.temperature
         scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
         kept = _filter(scaled, self.params)
         return kept - mx.logsumexp(kept, axis=-1, keepdims=True)
 
-    def pick(self, logits: mx.array, recent: list[int]) -> mx.array:
-        """The next token id as a (1,) array, lazily."""
+    def pick(self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None) -> mx.array:
+        """The next token id as a (1,) array, lazily; only where `mask` is True, when given."""
         if self.params.greedy:
-            return mx.argmax(self.adjusted(logits, recent), axis=-1)
-        return mx.random.categorical(self.logprobs(logits, recent), key=self.next_key())
+            return mx.argmax(self.adjusted(logits, recent, mask), axis=-1)
+        return mx.random.categorical(self.logprobs(logits, recent, mask), key=self.next_key())
 
 
 def make_sampler(params: SamplingParams) -> Callable[[mx.array, list[int]], mx.array]:

@@ -442,6 +442,10 @@ class Engine:
         self._thread.submit(job)
         return TurnStream(turn)
 
+    def scheduler_counters(self) -> dict:
+        """The compute thread's step counts (steps, batched decode passes and rows, largest batch, ...)."""
+        return dict(self._thread.scheduler.counters)
+
     def _count(self, done: DoneEvent) -> None:
         c = self.counters
         c["generations"] += 1

@@ -42,7 +42,14 @@ class Scheduler:
         self._next_decode = 0
         self._next_prefill = 0
         # Read by the engine's stats (from another thread: plain ints, updated in place).
-        self.counters = {"steps": 0, "decode_passes": 0, "decode_rows": 0, "largest_batch": 0, "prefill_tokens": 0}
+        self.counters = {
+            "steps": 0,
+            "decode_passes": 0,
+            "decode_rows": 0,
+            "largest_batch": 0,
+            "prefill_tokens": 0,
+            "verify_rows": 0,  # turns that checked drafts in a step
+        }
 
     def add(self, turn: Generation) -> None:
         self.turns.append(turn)
@@ -142,6 +149,7 @@ class Scheduler:
 
     def _draft_pass(self, turns: list[Generation]) -> list:
         """Every drafting turn's next token and drafts in one pass, right-padded to the longest."""
+        self.counters["verify_rows"] += len(turns)
         rows = [[t.next_token.item(), *t.drafts] for t in turns]
         fed = [len(r) for r in rows]
         width = max(fed)

@@ -86,7 +86,7 @@ def test_batched_greedy_streams_equal_solo_streams(loaded, n):
                 return done
 
             together = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-            largest = batched._thread.scheduler.counters["largest_batch"]
+            largest = batched.scheduler_counters()["largest_batch"]
         finally:
             await batched.stop()
         return alone, together, largest

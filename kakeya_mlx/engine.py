@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import mlx.core as mx
+from kakeya_protocol import params as rules
 
 from . import platform
 from .cache import CacheShape
@@ -300,10 +301,9 @@ class Engine:
     # ---- generation ------------------------------------------------------
 
     def _generate_request(self, session: Session, max_tokens, sampling, stop) -> GenerateRequest:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise InvalidArgumentError(f"max_tokens={max_tokens!r}: must be an integer")
-        if max_tokens < 1:
-            raise InvalidArgumentError(f"max_tokens={max_tokens}: must be >= 1")
+        problem = rules.explain("max_tokens", max_tokens)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
         if max_tokens > self.config.max_new_tokens:
             raise InvalidArgumentError(
                 f"max_tokens={max_tokens} exceeds max_new_tokens={self.config.max_new_tokens}"
@@ -312,9 +312,9 @@ class Engine:
             raise InvalidArgumentError("sampling must be a SamplingParams")
         sampling.validate()
         stop = list(stop or [])
-        for s in stop:
-            if not isinstance(s, str) or not s:
-                raise InvalidArgumentError(f"stop entry {s!r}: must be a non-empty string")
+        problem = rules.explain("stop", stop)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
         if not session.history:
             raise InvalidArgumentError(
                 f"session {session.id!r} has an empty history: append a prompt before generating"
@@ -324,7 +324,7 @@ class Engine:
     def generate(
         self,
         session_id: str,
-        max_tokens: int = 256,
+        max_tokens: int = rules.DEFAULT_MAX_TOKENS,
         sampling: SamplingParams = SamplingParams(),
         stop: Optional[list[str]] = None,
     ) -> "TurnStream":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from kakeya_protocol import params as rules
 
 from . import platform
@@ -226,6 +227,38 @@ class Engine:
             "kv_bytes": sum(s.cache.nbytes for s in list(self._sessions.values())),
         }
 
+    # ---- memory accounting (what the daemon's memory governor budgets by) ----
+
+    def weights_bytes(self) -> int:
+        """Bytes held by the model's parameters (quantization scales and biases included)."""
+        return sum(a.nbytes for _, a in tree_flatten(self.loaded.model.parameters()))
+
+    def full_session_kv_bytes(self) -> int:
+        """Bytes one session's cache holds once full (it never holds more)."""
+        return self.loaded.kv_bytes_per_token * self.shape.bound
+
+    async def measure_working_bytes(self) -> int:
+        """Peak scratch memory of one block's forward pass, beyond the weights and the cache it fills.
+
+        Runs a block of token 0 through a throwaway session on the compute thread:
+        once to make what a model computes once and keeps, then three times, keeping
+        the largest peak (when buffers are freed varies from run to run).
+        """
+
+        def probe() -> int:
+            session = Session("working-bytes-probe", self.shape, self.ropes)
+            session.history.extend([0] * self.shape.block)
+            mx.synchronize()
+            before = mx.get_active_memory()
+            mx.reset_peak_memory()
+            for _ in advance(self.loaded.model, session, self.recompute_blocks):
+                pass
+            mx.synchronize()
+            return mx.get_peak_memory() - before - session.cache.nbytes
+
+        await self._call(probe)
+        return max([0] + [await self._call(probe) for _ in range(3)])
+
     def _check_token_ids(self, tokens, allow_empty: bool = False) -> None:
         if not isinstance(tokens, (list, tuple)):
             raise InvalidArgumentError("tokens must be a list of token ids")
@@ -277,7 +310,7 @@ class Engine:
             raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
         session.history.extend(int(t) for t in tokens)
         session.last_used_at = time.time()
-        return {"appended": len(tokens), "history_length": len(session.history)}
+        return {"appended": len(tokens), "history_length": len(session.history), "tokens": [int(t) for t in tokens]}
 
     async def prefill(self, session_id: str) -> dict:
         """Run the pending history through the model now, without generating."""

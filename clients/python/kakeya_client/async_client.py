@@ -240,7 +240,7 @@ class AsyncSession(SessionHandle):
 
     async def append(self, tokens=None, text=None, messages=None, add_generation_prompt: bool = True) -> dict:
         """Add exactly one of token ids, text, or chat messages (rendered with the model's chat template).
-        Returns {"appended": n, "history_length": n}."""
+        Returns {"appended": n, "history_length": n, "tokens": [the token ids appended]}."""
         return await self.client.call("append", append_params(self.id, tokens, text, messages, add_generation_prompt))
 
     def generate(self, timeout=_DEFAULT, **params) -> "AsyncGenerateStream":

@@ -127,6 +127,7 @@ async def test_connections_beyond_max_connections_are_refused(config, loaded_qwe
     async with running_daemon(config(max_connections=2), loaded=loaded_qwen3) as d:
         first, second = await RawClient.connect(d.socket_path), await RawClient.connect(d.socket_path)
         third = await RawClient.connect(d.socket_path, hello=False)
+        await third.send(third.request("hello", protocol=1))  # answered with the refusal, not a reset
         refused = await third.next_frame()
         assert refused["id"] is None and "max_connections=2" in refused["error"]["message"]
         assert await third.at_eof()

@@ -187,6 +187,8 @@ async def test_peers_of_another_uid_are_refused(config, loaded_qwen3, sock_dir):
             "import os, socket, struct, msgpack\n"
             "os.setgid(65534); os.setuid(65534)\n"
             "s = socket.socket(socket.AF_UNIX); s.connect(%r)\n"
+            "hello = msgpack.packb({'id': 1, 'method': 'hello', 'params': {'protocol': 1}})\n"
+            "s.sendall(struct.pack('>I', len(hello)) + hello)\n"
             "data = b''\n"
             "while True:\n"
             "    chunk = s.recv(65536)\n"

@@ -22,7 +22,7 @@ from kakeya_protocol.quote import quote
 from . import openai_api as api
 from .core import DaemonCore
 from .http_handlers import HttpOptions, OpenAIFront
-from .lifecycle import ClaimedSocket, StartError, foreign_peer
+from .lifecycle import ClaimedSocket, StartError, check_peer
 
 log = logging.getLogger("kakeya.http")
 
@@ -49,7 +49,13 @@ def _raw_error(status: int, reason: str, error: api.ApiError) -> bytes:
 
 
 class _Connection(web.RequestHandler):
-    """One HTTP connection: aiohttp's protocol plus the daemon's bounds."""
+    """One HTTP connection: aiohttp's protocol plus the daemon's bounds.
+
+    A connection refused (another user's process, or one past http_max_connections)
+    gets its answer to its first request, then is closed: answering before reading
+    the request would make the kernel reset the connection over the unread bytes,
+    and the client would see no answer at all.
+    """
 
     def __init__(self, server: "HttpServer", *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -57,29 +63,27 @@ class _Connection(web.RequestHandler):
         self._counted = False
         self._deadline: Optional[asyncio.TimerHandle] = None
         self.in_request = False
+        self.refusal: Optional[api.ApiError] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         front = self._front
-        refusal = foreign_peer(transport.get_extra_info("socket"))
+        refusal, _pid = check_peer(transport.get_extra_info("socket"))
         if refusal is not None:
-            front.core.counters.rejections["peer_uid"] += 1
-            log.warning("http: refused a connection: %s", refusal)
-            error = api.ApiError(403, refusal, "permission_error", code="peer_uid")
-            return self._refuse(transport, 403, "Forbidden", error)
-        if front.open_connections >= front.listen.max_connections:
-            front.core.counters.rejections["http_max_connections"] += 1
+            self._refuse("peer_uid", api.ApiError(403, refusal, "permission_error", code="peer_uid"))
+        elif front.open_connections >= front.listen.max_connections:
             message = f"too many HTTP connections (http_max_connections={front.listen.max_connections}); try again"
-            log.warning("http: refused a connection: %s", message)
-            error = api.ApiError(503, message, "server_error", code="http_max_connections")
-            return self._refuse(transport, 503, "Service Unavailable", error)
-        self._counted = True
-        front.open_connections += 1
-        front.core.counters.http_connections += 1
+            self._refuse("http_max_connections", api.ApiError(503, message, "server_error", code="http_max_connections"))
+        else:
+            self._counted = True
+            front.open_connections += 1
+            front.core.counters.http_connections += 1
+        self._start_clock()  # its first request must arrive within frame_timeout_s
 
-    def _refuse(self, transport, status: int, reason: str, error: api.ApiError) -> None:
-        transport.write(_raw_error(status, reason, error))
-        transport.close()
+    def _refuse(self, limit: str, error: api.ApiError) -> None:
+        self._front.core.counters.rejections[limit] += 1
+        log.warning("http: refused a connection: %s", error.message)
+        self.refusal = error
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         if self._counted:
@@ -90,9 +94,8 @@ class _Connection(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self.in_request and self._deadline is None and self._counted:
-            timeout = self._front.listen.frame_timeout_s
-            self._deadline = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+        if not self.in_request and self._deadline is None:
+            self._start_clock()
         super().data_received(data)
 
     def request_began(self) -> None:
@@ -101,6 +104,9 @@ class _Connection(web.RequestHandler):
 
     def request_ended(self) -> None:
         self.in_request = False
+
+    def _start_clock(self) -> None:
+        self._deadline = asyncio.get_running_loop().call_later(self._front.listen.frame_timeout_s, self._timed_out)
 
     def _stop_clock(self) -> None:
         if self._deadline is not None:
@@ -114,7 +120,8 @@ class _Connection(web.RequestHandler):
         timeout = self._front.listen.frame_timeout_s
         log.warning("http: closing a connection: a request stayed incomplete for frame_timeout_s=%g", timeout)
         message = f"the request did not arrive whole within frame_timeout_s={timeout:g}"
-        self._refuse(self.transport, 408, "Request Timeout", api.ApiError(408, message, code="timeout"))
+        self.transport.write(_raw_error(408, "Request Timeout", api.ApiError(408, message, code="timeout")))
+        self.transport.close()
 
     def handle_error(self, request, status: int = 500, exc=None, message=None) -> web.StreamResponse:
         """aiohttp's answer to a request its parser refused: the same status, in the OpenAI error shape."""
@@ -196,6 +203,10 @@ class HttpServer:
     @web.middleware
     async def _bounds(self, request: web.Request, handler):
         protocol = request.protocol
+        if isinstance(protocol, _Connection) and protocol.refusal is not None:
+            response = web.json_response(protocol.refusal.body(), status=protocol.refusal.status, dumps=api.dumps)
+            response.force_close()
+            return response
         if isinstance(protocol, _Connection):
             protocol.request_began()
         try:

@@ -198,15 +198,15 @@ class ClaimedSocket:
         self.lock.release()
 
 
-def foreign_peer(sock: Optional[socket.socket]) -> Optional[str]:
-    """Why a Unix-socket peer is refused (another user's process), or None when it may stay."""
+def check_peer(sock: Optional[socket.socket]) -> tuple[Optional[str], Optional[int]]:
+    """(why a Unix-socket peer is refused, or None when it may stay; its pid where the OS says)."""
     if sock is None or sock.family != socket.AF_UNIX:
-        return None
+        return None, None
     try:
         uid, pid = peer_credentials(sock)
     except OSError as exc:
         log.debug("peer credentials unavailable: %s", exc)
-        return None
+        return None, None
     if uid is None or uid == os.getuid():
-        return None
-    return f"this daemon serves uid {os.getuid()} only; connection from uid {uid} refused (pid {pid})"
+        return None, pid
+    return f"this daemon serves uid {os.getuid()} only; connection from uid {uid} refused (pid {pid})", pid

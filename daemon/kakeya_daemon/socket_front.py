@@ -6,6 +6,7 @@ are cancelled at once, generations included.
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -14,10 +15,10 @@ from typing import Optional
 from kakeya_protocol import ProtocolError, make_error
 
 from .config import DaemonConfig
-from .connection import Connection, ConnectionClosed, ConnectionLimits
+from .connection import READ_CHUNK, Connection, ConnectionClosed, ConnectionLimits
 from .core import DaemonCore
 from .dispatch import Dispatcher
-from .lifecycle import ClaimedSocket, foreign_peer
+from .lifecycle import ClaimedSocket, check_peer
 
 log = logging.getLogger("kakeya.daemon")
 
@@ -70,13 +71,20 @@ class SocketFront:
             self._handlers.discard(task)
 
     async def _refuse(self, conn: Connection, limit: str, message: str) -> None:
+        """Answer the refused client's first bytes (its hello) with the refusal, then close.
+
+        Closing with its hello unread would make the kernel reset the connection, and
+        the client would see a reset instead of the reason.
+        """
         self.core.counters.rejections[limit] += 1
         log.warning("conn %d: refused: %s", conn.number, message)
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+            await asyncio.wait_for(conn.reader.read(READ_CHUNK), self.config.frame_timeout_s)
         await conn.send_quietly(make_error(None, "protocol_error", message))
         await conn.close()
 
     async def _connection(self, conn: Connection) -> None:
-        refusal = foreign_peer(conn.writer.get_extra_info("socket"))
+        refusal, pid = check_peer(conn.writer.get_extra_info("socket"))
         if refusal is not None:
             return await self._refuse(conn, "peer_uid", refusal)
         if len(self.connections) >= self.config.max_connections:
@@ -86,7 +94,7 @@ class SocketFront:
             return await conn.close()
         self.connections.add(conn)
         self.core.counters.connections += 1
-        log.info("conn %d: connected", conn.number)
+        log.info("conn %d: connected (pid %s)", conn.number, pid if pid is not None else "unknown")
         reason = "closed by the client"
         try:
             while True:

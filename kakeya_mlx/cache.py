@@ -3,14 +3,17 @@
 The cache keeps the first `sink` tokens of a history and its most recent tokens:
 a committed part of at most `sink + window` tokens, advanced only in whole blocks
 of `block` tokens aligned to absolute history positions, and an uncommitted tail
-of fewer than `block` tokens computed on top of it. Positions are cache-relative
+of at most `block` tokens computed on top of it. Positions are cache-relative
 (StreamingLLM): a token's RoPE position is its index in the cache, so no position
-ever reaches `sink + window + block`. When a completed block pushes the committed
-part past `sink + window`, the oldest window tokens are evicted and the survivors'
-keys are re-rotated down by the number evicted (see `rope.RopeSpec.shift`).
+ever reaches `sink + window + block`. A full tail is committed only when more
+tokens must go in; when that pushes the committed part past `sink + window`, the
+oldest window tokens are evicted and the survivors' keys are re-rotated down by
+the number evicted (see `rope.RopeSpec.shift`). Until then the tail can still be
+cut back, which is how a turn drops tokens it generated past a stop string.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.models.cache import create_attention_mask
@@ -100,6 +103,38 @@ class LayerKV:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def frozen(self) -> tuple:
+        """(keys, values, offset) as they are now; later in-place writes copy instead of overwriting them."""
+        if self.keys is None:
+            return None, None, self.offset
+        keys, values = self.keys[:], self.values[:]
+        mx.eval(keys, values)
+        return keys, values, self.offset
+
+    def thaw(self, state: tuple) -> None:
+        self.keys, self.values, self.offset = state
+
+
+@dataclass
+class CacheSnapshot:
+    """A cache's state at one moment, restorable exactly (see `SinkWindowCache.snapshot`)."""
+
+    layers: list
+    token_ids: list[int]
+    committed: int
+    evicted: int
+    tail_pieces: int
+    boundary_logits: Optional[mx.array] = field(default=None, repr=False)
+
+    @property
+    def processed(self) -> int:
+        return self.evicted + len(self.token_ids)
+
+    @property
+    def committed_position(self) -> int:
+        """History position where the snapshot's uncommitted tail starts."""
+        return self.evicted + self.committed
+
 
 class SinkWindowCache:
     """A session's cache: one `LayerKV` per layer plus the token bookkeeping.
@@ -115,6 +150,12 @@ class SinkWindowCache:
         self.token_ids: list[int] = []
         self.committed = 0
         self.evicted = 0
+        # Forward passes that wrote the current tail: 1 means it was computed in one
+        # piece, which is what backends whose forward is not chunk-invariant need.
+        self.tail_pieces = 0
+        # Next-token logits after the last committed token: what a turn needs when
+        # it cuts the history back to exactly a block boundary.
+        self.boundary_logits: Optional[mx.array] = None
 
     @property
     def length(self) -> int:
@@ -130,27 +171,71 @@ class SinkWindowCache:
         """History tokens that have gone through the cache, evicted ones included."""
         return self.evicted + self.length
 
+    @property
+    def committed_position(self) -> int:
+        """History position where the uncommitted tail starts."""
+        return self.evicted + self.committed
+
     def room_in_block(self) -> int:
         return self.shape.block - self.tail
 
-    def add_tail(self, token_ids: list[int]) -> None:
-        """Record tokens whose keys and values the model just wrote to every layer."""
+    def add_tail(self, token_ids: list[int], pieces: int = 1) -> None:
+        """Record tokens whose keys and values the model just wrote to every layer, in `pieces` passes."""
         self.token_ids.extend(token_ids)
+        self.tail_pieces += pieces
         if self.tail > self.shape.block:
             raise RuntimeError("the uncommitted tail outgrew its block")
 
     def drop_tail(self) -> list[int]:
         """Forget the uncommitted tail (its keys are overwritten next); return its ids."""
-        dropped = self.token_ids[self.committed :]
-        del self.token_ids[self.committed :]
+        return self.truncate(self.committed_position)
+
+    def truncate(self, position: int) -> list[int]:
+        """Cut the cache back to the history prefix [0, position); only tail tokens can go. Returns their ids."""
+        index = position - self.evicted
+        if not self.committed <= index <= self.length:
+            raise RuntimeError(
+                f"cannot cut the cache back to history position {position}: only the tail "
+                f"[{self.committed_position}, {self.processed}) is uncommitted"
+            )
+        dropped = self.token_ids[index:]
+        del self.token_ids[index:]
         for layer in self.layers:
-            layer.offset = self.committed
+            layer.offset = index
+        if dropped and index > self.committed:
+            self.tail_pieces = max(self.tail_pieces, 2)  # what is left was computed with what went
+        elif index == self.committed:
+            self.tail_pieces = 0
         return dropped
 
-    def commit_block(self) -> int:
-        """Commit a full tail as a block; evict down to sink + window. Returns tokens evicted."""
+    def snapshot(self) -> CacheSnapshot:
+        """The state now; `restore` brings it back bit for bit even after commits and evictions."""
+        return CacheSnapshot(
+            layers=[layer.frozen() for layer in self.layers],
+            token_ids=list(self.token_ids),
+            committed=self.committed,
+            evicted=self.evicted,
+            tail_pieces=self.tail_pieces,
+            boundary_logits=self.boundary_logits,
+        )
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        for layer, state in zip(self.layers, snap.layers):
+            layer.thaw(state)
+        self.token_ids = list(snap.token_ids)
+        self.committed, self.evicted = snap.committed, snap.evicted
+        self.tail_pieces, self.boundary_logits = snap.tail_pieces, snap.boundary_logits
+
+    def commit_block(self, logits: Optional[mx.array] = None) -> int:
+        """Commit a full tail as a block; evict down to sink + window. Returns tokens evicted.
+
+        `logits` are the next-token logits after the block's last token, kept as
+        `boundary_logits`.
+        """
         if self.tail != self.shape.block:
             raise RuntimeError("only a whole block can be committed")
+        self.boundary_logits = logits
+        self.tail_pieces = 0
         self.committed = self.length
         excess = self.committed - self.shape.committed_limit
         if excess <= 0:
@@ -181,9 +266,9 @@ class SinkWindowCache:
                 raise AssertionError(
                     f"INV-1: layer {i} holds {layer.offset} positions for {self.length} tokens"
                 )
-        if self.length > self.shape.bound - 1:
-            raise AssertionError(f"INV-2: {self.length} positions reach the bound {self.shape.bound}")
-        if self.committed > self.shape.committed_limit or self.tail >= self.shape.block:
+        if self.length > self.shape.bound:
+            raise AssertionError(f"INV-2: {self.length} positions pass the bound {self.shape.bound}")
+        if self.committed > self.shape.committed_limit or self.tail > self.shape.block:
             raise AssertionError(
                 f"INV-2: committed {self.committed} / tail {self.tail} exceed sink+window / block"
             )

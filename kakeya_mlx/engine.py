@@ -6,6 +6,7 @@ fails validation leaves its session exactly as it was.
 """
 
 import asyncio
+import logging
 import time
 import uuid
 import weakref
@@ -16,21 +17,22 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from kakeya_protocol import params as rules
 
-from . import platform
+from . import chat
 from .cache import CacheShape
 from .compute import ComputeThread
+from .decode import GenerateRequest, Generation
 from .errors import BusyError, InvalidArgumentError, NotFoundError
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
+from .probe import probe
 from .rope import layer_shifters
 from .sampling import SamplingParams
-from .session import GenerateRequest, Session, advance, generate
+from .scheduler import Scheduler, SchedulerConfig
+from .session import Session, prefill_piece
+from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
-
-# Lets a chat turn be rendered as a continuation: the template's output for
-# probe + new messages, minus its output for the probe alone.
-_PROBE = [{"role": "user", "content": "\x00"}, {"role": "assistant", "content": "\x00"}]
+log = logging.getLogger("kakeya.engine")
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,20 @@ class EngineConfig:
     block: int = 64
     max_append_tokens: int = 32768
     max_new_tokens: int = 4096
-    # Recompute each completed block in one forward pass. Needed for exact
-    # chunking invariance only where the backend's forward pass is not
-    # batch-invariant; None lets the platform decide.
+    # Recompute each completed block, and a tail that arrived in pieces, in one
+    # forward pass. Needed for exact chunking invariance only where a block
+    # computed at once and in pieces differ; None decides by probing the running
+    # backend (probe.py).
     recompute_blocks: Optional[bool] = None
+    # Most decoding turns put through the model in one forward pass; 1 computes
+    # each session's tokens on their own.
+    decode_batch_size: int = 16
+    # Most prompt tokens one turn runs between two decode steps of the others.
+    prefill_step_tokens: int = 256
+    # Speculative decoding when a request does not say: off, auto, prompt_lookup or
+    # draft (needs a draft model); and the most tokens drafted per step.
+    speculative: str = "auto"
+    num_draft_tokens: int = 4
 
     def cache_shape(self, max_positions: int) -> CacheShape:
         """Resolve the cache sizes against the model's trained range."""
@@ -53,6 +65,11 @@ class EngineConfig:
             raise InvalidArgumentError(f"block={self.block}: must be >= 1")
         if self.sink < 0:
             raise InvalidArgumentError(f"sink={self.sink}: must be >= 0")
+        if self.decode_batch_size < 1:
+            raise InvalidArgumentError(f"decode_batch_size={self.decode_batch_size}: must be >= 1")
+        if self.prefill_step_tokens < 1:
+            raise InvalidArgumentError(f"prefill_step_tokens={self.prefill_step_tokens}: must be >= 1")
+        check_mode(self.speculative, self.num_draft_tokens, has_draft_model=True)
         window = self.window
         if window is None:
             window = min(2048, max_positions) - self.sink - self.block
@@ -72,20 +89,43 @@ class EngineConfig:
 class Engine:
     """Sessions and generation over one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), draft: Optional[LoadedModel] = None):
+        """`draft`: a smaller model sharing `loaded`'s tokenizer, for speculative decoding."""
         self.loaded = loaded
         self.config = config
         self.shape = config.cache_shape(loaded.max_position_embeddings)
         self.ropes = layer_shifters(loaded.model, self.shape.bound)
-        self.recompute_blocks = (
-            config.recompute_blocks
-            if config.recompute_blocks is not None
-            else not platform.forward_is_batch_invariant()
+        if draft is not None:
+            check_draft_model(loaded, draft, self.shape)
+        if config.speculative == "draft" and draft is None:
+            raise InvalidArgumentError("speculative='draft' needs a draft model; none was given")
+        self.spec = SpecContext(
+            mode=config.speculative,
+            num_draft_tokens=config.num_draft_tokens,
+            draft=DraftModel(draft, self.shape) if draft is not None else None,
         )
+        if config.recompute_blocks is None:
+            found = probe(loaded.model, loaded.vocab_size)
+            self.recompute_blocks = not found.chunk_invariant
+            log.info("%s: recompute_blocks=%s", found.describe(), self.recompute_blocks)
+        else:
+            self.recompute_blocks = config.recompute_blocks
+            log.info("recompute_blocks=%s, as configured (not probed)", self.recompute_blocks)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
-        self.counters = {"tokens_in": 0, "tokens_out": 0, "generations": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        self.counters = {
+            "tokens_in": 0,
+            "tokens_out": 0,
+            "generations": 0,
+            "prefill_s": 0.0,
+            "decode_s": 0.0,
+            "draft_tokens": 0,
+            "accepted_tokens": 0,
+        }
         self._sessions: dict[str, Session] = {}
-        self._thread = ComputeThread()
+        scheduler = Scheduler(
+            loaded.model, SchedulerConfig(config.decode_batch_size, config.prefill_step_tokens)
+        )
+        self._thread = ComputeThread(scheduler)
         self._started = False
 
     # ---- lifecycle -------------------------------------------------------
@@ -143,27 +183,15 @@ class Engine:
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def render_messages(self, messages: list[dict], continuation: bool, add_generation_prompt: bool) -> str:
-        """Render chat messages with the model's template, as a continuation if asked."""
-        tokenizer = self.loaded.tokenizer
+        """Render chat messages with the model's template; as a continuation after a closed turn if asked."""
+        self._check_chat_template()
+        if not continuation:
+            return chat.render(self.loaded.tokenizer, messages, add_generation_prompt)
+        return chat.after_closed_turn(self.loaded.tokenizer, messages, add_generation_prompt)
+
+    def _check_chat_template(self) -> None:
         if not self.loaded.chat_template:
             raise InvalidArgumentError("this model has no chat template; append text or tokens instead")
-
-        def render(msgs, gen):
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-        try:
-            if not continuation:
-                return render(messages, add_generation_prompt)
-            base = render(_PROBE, False)
-            full = render(_PROBE + messages, add_generation_prompt)
-        except Exception as exc:
-            raise InvalidArgumentError(f"the chat template could not render these messages: {exc}") from exc
-        if not full.startswith(base):
-            raise InvalidArgumentError(
-                "this model's chat template cannot render a continuation of a conversation; "
-                "append the turn as text or tokens instead"
-            )
-        return full[len(base) :]
 
     # ---- sessions --------------------------------------------------------
 
@@ -178,9 +206,13 @@ class Engine:
     def has_session(self, session_id: str) -> bool:
         return session_id in self._sessions
 
-    async def create_session(self) -> str:
+    async def create_session(self, speculative: Optional[str] = None, num_draft_tokens: Optional[int] = None) -> str:
+        """A new empty session. `speculative` and `num_draft_tokens` become its defaults for generate."""
+        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
         session_id = uuid.uuid4().hex[:16]
-        self._sessions[session_id] = Session(session_id, self.shape, self.ropes)
+        session = Session(session_id, self.shape, self.ropes)
+        session.speculative, session.num_draft_tokens = speculative, num_draft_tokens
+        self._sessions[session_id] = session
         return session_id
 
     async def close_session(self, session_id: str) -> None:
@@ -216,7 +248,7 @@ class Engine:
         return best, best_len
 
     def session_kv_bytes(self, session_id: str) -> int:
-        return self._get(session_id).cache.nbytes
+        return self._get(session_id).kv_bytes
 
     def memory(self) -> dict:
         """MLX's own memory counters, plus the bytes held by session caches."""
@@ -224,18 +256,22 @@ class Engine:
             "active_bytes": mx.get_active_memory(),
             "peak_bytes": mx.get_peak_memory(),
             "cache_bytes": mx.get_cache_memory(),
-            "kv_bytes": sum(s.cache.nbytes for s in list(self._sessions.values())),
+            "kv_bytes": sum(s.kv_bytes for s in list(self._sessions.values())),
         }
 
     # ---- memory accounting (what the daemon's memory governor budgets by) ----
 
     def weights_bytes(self) -> int:
-        """Bytes held by the model's parameters (quantization scales and biases included)."""
-        return sum(a.nbytes for _, a in tree_flatten(self.loaded.model.parameters()))
+        """Bytes held by the model's parameters, and the draft model's (quantization scales and biases included)."""
+        models = [self.loaded.model] + ([self.spec.draft.model] if self.spec.draft is not None else [])
+        return sum(a.nbytes for m in models for _, a in tree_flatten(m.parameters()))
 
     def full_session_kv_bytes(self) -> int:
-        """Bytes one session's cache holds once full (it never holds more)."""
-        return self.loaded.kv_bytes_per_token * self.shape.bound
+        """Bytes one session's caches hold once full (they never hold more), its draft model's included."""
+        per_token = self.loaded.kv_bytes_per_token
+        if self.spec.draft is not None:
+            per_token += self.spec.draft.loaded.kv_bytes_per_token
+        return per_token * self.shape.bound
 
     async def measure_working_bytes(self) -> int:
         """Peak scratch memory of one block's forward pass, beyond the weights and the cache it fills.
@@ -251,10 +287,9 @@ class Engine:
             mx.synchronize()
             before = mx.get_active_memory()
             mx.reset_peak_memory()
-            for _ in advance(self.loaded.model, session, self.recompute_blocks):
-                pass
+            prefill_piece(self.loaded.model, session, self.shape.block, self.recompute_blocks)
             mx.synchronize()
-            return mx.get_peak_memory() - before - session.cache.nbytes
+            return mx.get_peak_memory() - before - session.kv_bytes
 
         await self._call(probe)
         return max([0] + [await self._call(probe) for _ in range(3)])
@@ -285,7 +320,9 @@ class Engine:
     ) -> dict:
         """Append to a session's history; exactly one of tokens, text or messages.
 
-        The model runs over appended tokens at the next generate.
+        Messages continue the conversation exactly as the chat template renders it
+        (see chat.py). The model runs over appended tokens at the next generate.
+        Returns the ids appended, their count and the history length after.
         """
         session = self._get(session_id)
         given = [name for name, v in (("tokens", tokens), ("text", text), ("messages", messages)) if v is not None]
@@ -295,6 +332,7 @@ class Engine:
             )
         if session.turn is not None:
             raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
+        length = len(session.history)
         if text is not None:
             if not isinstance(text, str):
                 raise InvalidArgumentError("text must be a string")
@@ -303,12 +341,25 @@ class Engine:
             tokens = await asyncio.to_thread(self._encode, text, not session.history)
         elif messages is not None:
             _check_messages(messages)
-            rendered = self.render_messages(messages, bool(session.history), add_generation_prompt)
+            self._check_chat_template()
+            rendered = chat.continuation(
+                self.loaded.tokenizer,
+                messages,
+                add_generation_prompt,
+                session.history,
+                session.chat_reply_start,
+                self.eos_token_ids,
+            )
             tokens = await asyncio.to_thread(self._encode, rendered, False)
         self._check_token_ids(tokens)
         if session.turn is not None:  # a generate may have started while text was tokenized
             raise BusyError(f"session {session_id!r} is generating; append after it finishes or cancel it")
+        if len(session.history) != length:  # the text was rendered for the history as it was
+            raise BusyError(f"another append to session {session_id!r} landed while this one was tokenized; append again")
         session.history.extend(int(t) for t in tokens)
+        # A generation prompt opens an assistant turn; anything else leaves none open.
+        opened = messages is not None and chat.opens_turn(messages, add_generation_prompt)
+        session.chat_reply_start = len(session.history) if opened else None
         session.last_used_at = time.time()
         return {"appended": len(tokens), "history_length": len(session.history), "tokens": [int(t) for t in tokens]}
 
@@ -317,7 +368,8 @@ class Engine:
         session = self._get(session_id)
         turn = self._begin_turn(session)
         try:
-            evicted = await self._call(lambda: sum(advance(self.loaded.model, session, self.recompute_blocks)))
+            model, recompute = self.loaded.model, self.recompute_blocks
+            _, evicted = await self._call(lambda: prefill_piece(model, session, session.pending, recompute))
         finally:
             turn.finish()
         return {"evicted": evicted, "cached_tokens": session.cache.length}
@@ -333,7 +385,9 @@ class Engine:
 
     # ---- generation ------------------------------------------------------
 
-    def _generate_request(self, session: Session, max_tokens, sampling, stop) -> GenerateRequest:
+    def _generate_request(
+        self, session: Session, max_tokens, sampling, stop, speculative, num_draft_tokens
+    ) -> GenerateRequest:
         problem = rules.explain("max_tokens", max_tokens)
         if problem is not None:
             raise InvalidArgumentError(problem)
@@ -352,7 +406,14 @@ class Engine:
             raise InvalidArgumentError(
                 f"session {session.id!r} has an empty history: append a prompt before generating"
             )
-        return GenerateRequest(max_tokens, sampling, tuple(stop), self.eos_token_ids, time.perf_counter())
+        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
+        mode = speculative or session.speculative or self.spec.mode
+        if mode == "draft" and self.spec.draft is None:
+            mode = "auto"  # a session default the engine cannot serve now; requests say so explicitly
+        k = num_draft_tokens or session.num_draft_tokens or self.spec.num_draft_tokens
+        return GenerateRequest(
+            max_tokens, sampling, tuple(stop), self.eos_token_ids, time.perf_counter(), mode, k
+        )
 
     def generate(
         self,
@@ -360,33 +421,25 @@ class Engine:
         max_tokens: int = rules.DEFAULT_MAX_TOKENS,
         sampling: SamplingParams = SamplingParams(),
         stop: Optional[list[str]] = None,
+        speculative: Optional[str] = None,
+        num_draft_tokens: Optional[int] = None,
     ) -> "TurnStream":
         """Start a turn; iterate the returned stream for its events, the last always a DoneEvent.
 
-        Bad arguments, an unknown session or a busy one raise before any event.
-        The work starts now, not at the first iteration. Leaving the loop early,
+        `speculative` (off, auto, prompt_lookup, draft) and `num_draft_tokens`
+        override the session's and the engine's defaults for this turn. Bad
+        arguments, an unknown session or a busy one raise before any event. The
+        work starts now, not at the first iteration. Leaving the loop early,
         closing the stream or dropping it unread cancels the turn.
         """
         session = self._get(session_id)
-        request = self._generate_request(session, max_tokens, sampling, stop)
+        request = self._generate_request(session, max_tokens, sampling, stop, speculative, num_draft_tokens)
         turn = self._begin_turn(session)
-        steps = generate(self.loaded.model, self.loaded.tokenizer, session, request, self.recompute_blocks)
-
-        def on_item(item) -> None:
-            if item is not None:
-                turn.deliver(item)
-
-        def on_error(exc: BaseException) -> None:
-            # The cache may hold a half-written step: rebuild it from the history,
-            # which is exact because the cache state is canonical.
-            session.cache = type(session.cache)(session.cache.shape, session.cache.ropes)
-            session.logits = None
-            turn.deliver(
-                DoneEvent(stop_reason="error", error_code="internal", error_message=f"{type(exc).__name__}: {exc}")
-            )
-
         turn.on_done = self._count
-        self._thread.add_stream(steps, on_item, on_error)
+        job = Generation(
+            session, request, self.loaded.tokenizer, turn.deliver, self.recompute_blocks, self.spec
+        )
+        self._thread.submit(job)
         return TurnStream(turn)
 
     def _count(self, done: DoneEvent) -> None:
@@ -396,6 +449,8 @@ class Engine:
         c["tokens_out"] += done.generated_tokens
         c["prefill_s"] += max(0.0, done.ttft_s)
         c["decode_s"] += max(0.0, done.total_s - done.ttft_s)
+        c["draft_tokens"] += done.draft_tokens
+        c["accepted_tokens"] += done.accepted_tokens
 
     async def cancel(self, session_id: str) -> bool:
         """Ask the session's running turn to stop; False if none is running. See `end_turn` to wait for it."""
@@ -427,16 +482,17 @@ class _Turn:
         if not self.ended.is_set():
             self.session.cancel_requested.set()
 
-    def deliver(self, event) -> None:
-        """Called on the compute thread; hands the event to the loop."""
-        self.loop.call_soon_threadsafe(self._receive, event)
+    def deliver(self, events: list) -> None:
+        """Called on the compute thread with one step's events; hands them to the loop."""
+        self.loop.call_soon_threadsafe(self._receive, events)
 
-    def _receive(self, event) -> None:
-        self.events.put_nowait(event)
-        if isinstance(event, DoneEvent):
-            if self.on_done is not None:
-                self.on_done(event)
-            self.finish(event)
+    def _receive(self, events: list) -> None:
+        for event in events:
+            self.events.put_nowait(event)
+            if isinstance(event, DoneEvent):
+                if self.on_done is not None:
+                    self.on_done(event)
+                self.finish(event)
 
     def finish(self, done: Optional[DoneEvent] = None) -> None:
         """The compute thread has let go of the session: free it and wake every waiter."""
@@ -507,4 +563,6 @@ def _check_messages(messages) -> None:
         raise InvalidArgumentError("messages must be a non-empty list of {role, content} maps")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InvalidArgumentError(f"messages[{i}] must be a map with string role and content")
+            raise InvalidArgumentError(
+                f"messages[{i}] must be a map with string role and content, not {chat.shown(m)}"
+            )

@@ -38,3 +38,5 @@ class DoneEvent:
     error_code: Optional[str] = None
     error_message: Optional[str] = None
     token_ids: list = field(default_factory=list, repr=False)
+    draft_tokens: int = 0  # tokens drafted for speculative decoding this turn
+    accepted_tokens: int = 0  # of those, the ones the model took

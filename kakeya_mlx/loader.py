@@ -22,7 +22,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from . import platform
 from .cache import kv_bytes_per_token
 from .errors import ModelLoadError, UnsupportedModelError
-from .gguf import DTYPES, Progress, convert_gguf, find_smollm2_gguf
+from .gguf import DTYPES, FORMAT_VERSION, Progress, convert_gguf, find_smollm2_gguf
 from .rope import RopeSpec, layer_shifters
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def load_model(
     if cast is not None:
         target = getattr(mx, cast)
         model.update(tree_map(lambda p: p.astype(target) if _is_float(p) else p, model.parameters()))
-        mx.eval(model.parameters())
+    mx.eval(held_arrays(model))
 
     num_heads = int(config["num_attention_heads"])
     kv_dtype = _activation_dtype(model)
@@ -123,6 +123,35 @@ def load_model(
     )
     say(f"loaded {name}: {model_type}, {loaded.num_layers} layers, {loaded.dtype}, on {platform.backend()}")
     return loaded
+
+
+def held_arrays(model: nn.Module) -> list[mx.array]:
+    """Every array the module tree holds: parameters and private attributes alike.
+
+    mlx-lm builds some arrays lazily at load and keeps them outside the parameters
+    (the Llama-3, YaRN and longrope RoPE frequencies, `_freqs`). A lazy array can only
+    be evaluated on a thread that has the stream it was made on, and MLX streams are
+    per thread, so everything is evaluated here, on the loading thread, before the
+    compute thread uses it.
+    """
+    found: dict[int, mx.array] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, mx.array):
+            found[id(value)] = value
+        elif isinstance(value, nn.Module):
+            pass  # reached through modules()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for module in model.modules():
+        for value in (*module.values(), *vars(module).values()):
+            visit(value)
+    return list(found.values())
 
 
 def read_config(path: Path) -> dict:
@@ -155,7 +184,8 @@ def check_model_type(config: dict, path: Path) -> str:
 
 def default_model_dir(dtype: str | None) -> Path:
     """Where the default model converted to `dtype` (None: kept 4-bit) is cached."""
-    return platform.default_cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-{_DTYPE_LABELS[dtype]}"
+    label = f"{DEFAULT_MODEL_NAME}-{_DTYPE_LABELS[dtype]}-v{FORMAT_VERSION}"
+    return platform.default_cache_dir() / "models" / label
 
 
 def _default_model(dtype: str | None, say: Callable[[str], None]) -> Path:

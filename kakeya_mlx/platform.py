@@ -23,16 +23,6 @@ def default_compute_dtype_for_gguf() -> Optional[str]:
     return "bfloat16" if backend() == "cpu" else None
 
 
-def forward_is_batch_invariant() -> bool:
-    """Whether a forward pass gives bit-identical rows however many tokens it runs at once.
-
-    True on MLX's CPU backend (checked by tests/test_determinism.py); GPU kernels
-    pick different reduction orders for different shapes, so there the engine
-    recomputes each completed block in one pass to keep the cache canonical.
-    """
-    return backend() == "cpu"
-
-
 def default_cache_dir() -> Path:
     """Where converted models and other reusable files go (KAKEYA_HOME overrides)."""
     if os.environ.get("KAKEYA_HOME"):

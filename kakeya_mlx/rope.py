@@ -17,6 +17,9 @@ from mlx_lm.models import rope_utils
 
 from .errors import UnsupportedModelError
 
+# Every kind `rope_spec` reads back; each may also be "traditional" (interleaved).
+KINDS = ("plain", "llama3", "yarn", "longrope", "dynamic")
+
 
 @dataclass(frozen=True)
 class RopeSpec:

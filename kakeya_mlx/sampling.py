@@ -79,24 +79,40 @@ def _filter(logprobs: mx.array, params: SamplingParams) -> mx.array:
     return logprobs
 
 
-def make_sampler(params: SamplingParams) -> Callable[[mx.array, list[int]], mx.array]:
-    """Return pick(logits (1, vocab), recent_token_ids) -> (1,) token id array, lazily.
+class Sampler:
+    """Picks tokens for one generation: greedy, or seeded sampling from the filtered distribution.
 
     A seeded sampler draws from its own key chain, so the same seed gives the same
     tokens whatever other sessions do in between.
     """
-    seed = params.seed if params.seed is not None else random.getrandbits(63)
-    state = {"key": mx.random.key(seed)}
 
-    def pick(logits: mx.array, recent: list[int]) -> mx.array:
-        logits = logits.astype(mx.float32)
-        logits = apply_repetition_penalty(logits, recent, params.repetition_penalty)
-        if params.greedy:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits / float(params.temperature)
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        logprobs = _filter(logprobs, params)
-        state["key"], draw = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs, key=draw)
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self._key = mx.random.key(seed)
 
-    return pick
+    def next_key(self) -> mx.array:
+        self._key, draw = mx.random.split(self._key)
+        return draw
+
+    def adjusted(self, logits: mx.array, recent: list[int]) -> mx.array:
+        """Logits (rows, vocab) in float32 after the repetition penalty."""
+        return apply_repetition_penalty(logits.astype(mx.float32), recent, self.params.repetition_penalty)
+
+    def logprobs(self, logits: mx.array, recent: list[int]) -> mx.array:
+        """The normalized log-distribution sampling draws from: penalty, temperature, then top-k / top-p / min-p."""
+        scaled = self.adjusted(logits, recent) / float(self.params.temperature)
+        scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+        kept = _filter(scaled, self.params)
+        return kept - mx.logsumexp(kept, axis=-1, keepdims=True)
+
+    def pick(self, logits: mx.array, recent: list[int]) -> mx.array:
+        """The next token id as a (1,) array, lazily."""
+        if self.params.greedy:
+            return mx.argmax(self.adjusted(logits, recent), axis=-1)
+        return mx.random.categorical(self.logprobs(logits, recent), key=self.next_key())
+
+
+def make_sampler(params: SamplingParams) -> Callable[[mx.array, list[int]], mx.array]:
+    """Return pick(logits (1, vocab), recent_token_ids) -> (1,) token id array, lazily."""
+    return Sampler(params).pick

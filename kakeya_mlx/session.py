@@ -1,34 +1,21 @@
 """A session: an append-only token history and the sink+window cache that follows it.
 
-Everything here runs on the engine's compute thread. The cache advances only in
-canonical blocks aligned to absolute history positions (see cache.py), so the
-state after a history does not depend on how that history was chunked.
+Everything that touches a session's cache runs on the engine's compute thread.
+The cache advances only in canonical blocks aligned to absolute history positions
+(see cache.py), so the state after a history does not depend on how that history
+was chunked.
 """
 
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .batch import forward_one
 from .cache import CacheShape, SinkWindowCache
-from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .rope import RopeSpec
-from .sampling import SamplingParams, make_sampler
-from .textstream import TextStream
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """A validated generate call."""
-
-    max_tokens: int
-    sampling: SamplingParams
-    stop: tuple[str, ...]
-    eos_token_ids: frozenset
-    started_at: float
 
 
 class Session:
@@ -43,11 +30,31 @@ class Session:
         self.last_used_at = self.created_at
         self.turn = None  # the running turn (the engine's _Turn), set and cleared on the event loop
         self.cancel_requested = threading.Event()
+        self.speculation = None  # speculative.Speculation, made by the first turn that drafts
+        self.speculative: Optional[str] = None  # this session's default mode, None: the engine's
+        self.num_draft_tokens: Optional[int] = None
+        # Where the assistant turn opened by the last `messages` append begins in the
+        # history; None when the history does not end inside such a turn (see chat.py).
+        self.chat_reply_start: Optional[int] = None
 
     @property
     def pending(self) -> int:
         """History tokens appended but not yet run through the model."""
         return len(self.history) - self.cache.processed
+
+    def reset_cache(self) -> None:
+        """Forget the cache; the history stays and is run through the model again when needed.
+
+        Exact, because the cache state after a history is canonical.
+        """
+        self.cache = SinkWindowCache(self.cache.shape, self.cache.ropes)
+        self.logits = None
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by this session's caches: its own and its draft model's."""
+        draft = self.speculation.draft if self.speculation is not None else None
+        return self.cache.nbytes + (draft.cache.nbytes if draft is not None else 0)
 
     def info(self) -> dict:
         cache, shape = self.cache, self.cache.shape
@@ -57,7 +64,7 @@ class Session:
             "cached_tokens": cache.length,
             "pending_tokens": self.pending,
             "evicted_tokens": cache.evicted,
-            "kv_bytes": cache.nbytes,
+            "kv_bytes": self.kv_bytes,
             "positions": {
                 "first": 0,
                 "last": cache.length - 1,
@@ -73,124 +80,45 @@ class Session:
         }
 
 
-def _forward(model: nn.Module, session: Session, tokens: Union[list[int], mx.array]) -> mx.array:
-    """Run tokens on top of the cache; return the logits after the last one (lazy)."""
-    inputs = tokens if isinstance(tokens, mx.array) else mx.array(tokens)[None]
-    return model(inputs, cache=session.cache.layers)[:, -1, :]
+def make_room(session: Session) -> int:
+    """Commit a full tail before more tokens go in; returns the tokens evicted."""
+    cache = session.cache
+    if cache.room_in_block() > 0:
+        return 0
+    return cache.commit_block(session.logits)
 
 
-def _complete_block(model: nn.Module, session: Session, recompute: bool) -> int:
-    """Commit a full tail, first recomputing it as one block if asked. Returns tokens evicted."""
-    if recompute:
-        block = session.cache.drop_tail()
-        session.logits = _forward(model, session, block)
-        session.cache.add_tail(block)
-    return session.cache.commit_block()
+def recompute_tail(model: nn.Module, session: Session) -> None:
+    """Recompute the uncommitted tail in one pass from the committed state (lazily).
 
-
-def advance(model: nn.Module, session: Session, recompute: bool) -> Iterator[int]:
-    """Run the pending history through the model in block-aligned pieces.
-
-    Yields the number of tokens evicted after each piece, so a scheduler can
-    interleave other work between pieces of a long prompt.
+    For backends whose forward pass is not chunk-invariant: afterwards the tail's
+    keys, values and the session's logits are what one pass over exactly those
+    tokens gives, whatever pieces they arrived in.
     """
     cache = session.cache
-    while session.pending:
+    tail = cache.drop_tail()
+    if tail:
+        session.logits = forward_one(model, cache.layers, tail)[-1:]
+        cache.add_tail(tail)
+
+
+def prefill_piece(model: nn.Module, session: Session, budget: int, recompute: bool) -> tuple[int, int]:
+    """Run up to `budget` pending history tokens through the model, one block-aligned piece per pass.
+
+    Returns (tokens processed, tokens evicted). Pieces end at block boundaries,
+    so stopping between any two of them leaves the cache canonical.
+    """
+    cache = session.cache
+    done = evicted = 0
+    while session.pending and done < budget:
+        evicted += make_room(session)
         start = cache.processed
-        piece = session.history[start : start + min(session.pending, cache.room_in_block())]
-        session.logits = _forward(model, session, piece)
+        size = min(session.pending, cache.room_in_block(), budget - done)
+        piece = session.history[start : start + size]
+        session.logits = forward_one(model, cache.layers, piece)[-1:]
         cache.add_tail(piece)
-        evicted = _complete_block(model, session, recompute) if cache.room_in_block() == 0 else 0
+        done += size
+        if recompute and cache.room_in_block() == 0 and cache.tail_pieces > 1:
+            recompute_tail(model, session)
         mx.eval(session.logits, cache.arrays())
-        yield evicted
-
-
-def generate(
-    model: nn.Module,
-    tokenizer,
-    session: Session,
-    request: GenerateRequest,
-    recompute: bool,
-) -> Iterator[Union[TokenEvent, TruncatedEvent, DoneEvent, None]]:
-    """Prefill what is pending, then decode; one yielded item per scheduling step.
-
-    Yields None between prefill pieces, a TokenEvent per token, a TruncatedEvent
-    whenever the window slides, and always ends with a DoneEvent. The next step
-    is queued before the current token is read back, as mlx-lm does, so the host
-    waits on the device once per token.
-    """
-    cache = session.cache
-    cached_before = cache.processed
-    pending_before = session.pending
-    stream = TextStream(tokenizer, list(request.stop))
-    pick = make_sampler(request.sampling)
-    context = request.sampling.repetition_context
-    generated: list[int] = []
-    stop_reason = "max_tokens"
-    t_first = None
-
-    def truncated(evicted: int) -> TruncatedEvent:
-        return TruncatedEvent(evicted=evicted, total_evicted=cache.evicted)
-
-    for evicted in advance(model, session, recompute):
-        yield truncated(evicted) if evicted else None
-        # Pieces are whole blocks or tail, so stopping between them leaves the
-        # cache canonical; the rest of the prompt stays pending for the next turn.
-        if session.cancel_requested.is_set():
-            break
-    t_prefilled = time.perf_counter()
-
-    token = pick(session.logits, session.history[-context:]) if not session.pending else None
-    for step in range(request.max_tokens):
-        if session.cancel_requested.is_set():
-            stop_reason = "cancelled"
-            break
-        # Queue the forward pass of this token before reading its value back.
-        next_logits = _forward(model, session, token[None])
-        mx.async_eval(token, next_logits)
-        token_id = token.item()
-        session.history.append(token_id)
-        cache.add_tail([token_id])
-        session.logits = next_logits
-        if cache.room_in_block() == 0:
-            evicted = _complete_block(model, session, recompute)
-            if evicted:
-                yield truncated(evicted)
-        generated.append(token_id)
-        if t_first is None:
-            t_first = time.perf_counter()
-        if token_id in request.eos_token_ids:
-            yield TokenEvent(token_id, stream.flush())
-            stop_reason = "eos"
-            break
-        text = stream.add(token_id)
-        if stream.stopped:
-            yield TokenEvent(token_id, text)
-            stop_reason = "stop_sequence"
-            break
-        if step + 1 == request.max_tokens:
-            yield TokenEvent(token_id, text + stream.flush())
-            break
-        token = pick(session.logits, session.history[-context:])
-        mx.async_eval(token)
-        yield TokenEvent(token_id, text)
-    mx.eval(session.logits, cache.arrays())
-    cache.check_invariants()
-
-    t_end = time.perf_counter()
-    t_first = t_first or t_end
-    prefill_s = t_prefilled - request.started_at
-    decode_s = t_end - t_first
-    prompt_tokens = pending_before - session.pending
-    yield DoneEvent(
-        stop_reason=stop_reason,
-        prompt_tokens=prompt_tokens,
-        generated_tokens=len(generated),
-        cached_tokens=cached_before,
-        ttft_s=t_first - request.started_at,
-        prefill_tokens_per_s=prompt_tokens / prefill_s if prompt_tokens and prefill_s > 0 else 0.0,
-        decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
-        total_s=t_end - request.started_at,
-        text=stream.text,
-        token_ids=generated,
-    )
+    return done, evicted

@@ -8,9 +8,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.generate import generate_step
+from mlx_lm.models import llama
 
+from kakeya_mlx import gguf
 from kakeya_mlx.errors import ModelLoadError
-from kakeya_mlx.gguf import convert_gguf, find_smollm2_gguf
+from kakeya_mlx.gguf import FORMAT_VERSION, convert_gguf, find_smollm2_gguf
 from kakeya_mlx.loader import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, load_model
 
 needs_smollm2 = pytest.mark.skipif(
@@ -44,11 +46,12 @@ def default_bf16(kakeya_home):
 @needs_smollm2
 def test_default_model_is_converted_once_saying_so_then_reused(default_bf16, kakeya_home):
     loaded, messages = default_bf16
-    target = kakeya_home / "models" / f"{DEFAULT_MODEL_NAME}-bf16"
+    target = kakeya_home / "models" / f"{DEFAULT_MODEL_NAME}-bf16-v{FORMAT_VERSION}"
     assert loaded.path == target == default_model_dir("bfloat16")
     assert sorted(p.name for p in (kakeya_home / "models").iterdir()) == [target.name]  # nothing half-written
     said = "\n".join(messages)
-    steps = ["preparing the default model", "reading SmolLM2", "converting 30 layers", "writing the", "converted"]
+    steps = ["preparing the default model", "reading SmolLM2", "converting 30 layers", "converted 10 of 30 layers"]
+    steps += ["writing the", "converted SmolLM2"]
     assert all(step in said for step in steps), said
     assert messages[-1].startswith(f"loaded {DEFAULT_MODEL_NAME}")
 
@@ -63,8 +66,66 @@ def test_converted_model_knows_the_capital_of_france(default_bf16):
     assert (loaded.name, loaded.model_type, loaded.dtype) == (DEFAULT_MODEL_NAME, "llama", "bfloat16")
     assert (loaded.num_layers, loaded.num_kv_heads, loaded.head_dim, loaded.vocab_size) == (30, 3, 64, 49152)
     assert loaded.max_position_embeddings == 8192 and loaded.eos_token_ids == [2]
-    assert loaded.shifters[0].traditional  # llama.cpp's interleaved q/k layout
     assert _greedy_text(loaded, "The capital of France is", 2).startswith(" Paris")
+
+
+@needs_smollm2
+def test_converted_folder_is_a_standard_hugging_face_llama_checkpoint(default_bf16):
+    loaded, _ = default_bf16
+    config = json.loads((loaded.path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert not config.get("rope_traditional") and "rope_scaling" not in config
+    assert config["head_dim"] * config["num_attention_heads"] == config["hidden_size"]
+    assert not loaded.shifters[0].traditional
+
+
+def _llama_cpp_layout_model(folder_config: dict, dtype) -> nn.Module:
+    """SmolLM2 straight from the GGUF's tensors: llama.cpp's interleaved q/k rows, served
+    with interleaved ("traditional") RoPE, dequantized to `dtype`."""
+    tensors = mx.load(str(find_smollm2_gguf()))
+    weights = {}
+    for name, w in tensors.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        stem = name.rpartition(".")[0]
+        if f"{stem}.scales" in tensors:
+            scales, biases = tensors[f"{stem}.scales"], tensors[f"{stem}.biases"]
+            w = mx.dequantize(w, scales, biases, group_size=32, bits=w.shape[-1] // scales.shape[-1])
+        weights[gguf._mlx_name(name)] = w.astype(dtype)
+    config = {**folder_config, "rope_traditional": True}
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model
+
+
+@needs_smollm2
+def test_greedy_tokens_equal_those_of_the_gguf_in_llama_cpp_layout(default_bf16):
+    """The converted folder decodes greedily; the GGUF's own tensors, fed the same text
+    in one pass, pick the same next token at every position (so their greedy decoding
+    is the same)."""
+    loaded, _ = default_bf16
+    prompt = loaded.tokenizer.encode("Once upon a time, there was a")
+    ours = [int(t) for t, _ in generate_step(mx.array(prompt), loaded.model, max_tokens=10)]
+    reference = _llama_cpp_layout_model(loaded.config, mx.bfloat16)
+    theirs = mx.argmax(reference(mx.array(prompt + ours)[None])[0], axis=-1).tolist()
+    assert theirs[len(prompt) - 1 : -1] == ours, loaded.tokenizer.decode(ours)
+
+
+@needs_smollm2
+def test_unpermuting_moves_packed_4bit_rows_with_their_scales_and_biases():
+    """Groups run along the input dimension, so a quantized row holds whole groups: the
+    4-bit rows, moved with their scales and biases, dequantize to the moved float rows."""
+    tensors = mx.load(str(find_smollm2_gguf()))
+    q, scales, biases = (tensors[f"blk.0.attn_k.{part}"] for part in ("weight", "scales", "biases"))
+    heads = 3
+    moved = mx.dequantize(*(gguf.unpermute_rows(a, heads) for a in (q, scales, biases)), group_size=32, bits=4)
+    expected = gguf.unpermute_rows(mx.dequantize(q, scales, biases, group_size=32, bits=4), heads)
+    assert mx.array_equal(moved, expected).item()
+    # ...and un-permuting is the inverse of llama.cpp's permutation (convert_hf_to_gguf.py).
+    rows = mx.arange(q.shape[0] * 4).reshape(q.shape[0], 4)
+    permuted = rows.reshape(heads, 2, q.shape[0] // heads // 2, 4).swapaxes(1, 2).reshape(rows.shape)
+    assert mx.array_equal(gguf.unpermute_rows(permuted, heads), rows).item()
 
 
 @needs_smollm2
@@ -94,6 +155,11 @@ def test_4bit_conversion_stays_quantized_and_agrees_with_bf16(default_bf16, tmp_
     q_proj, embed = q4.model.layers[0].self_attn.q_proj, q4.model.model.embed_tokens
     assert isinstance(q_proj, nn.QuantizedLinear) and (q_proj.bits, q_proj.group_size) == (4, 32)
     assert isinstance(embed, nn.QuantizedEmbedding) and embed.bits == 8  # llama.cpp kept it at 8 bits
+    # The packed q/k rows were put in Hugging Face's order like the dequantized ones.
+    for name in ("q_proj", "k_proj"):
+        packed = getattr(q4.model.layers[0].self_attn, name)
+        rows = mx.dequantize(packed.weight, packed.scales, packed.biases, group_size=32, bits=4)
+        assert mx.array_equal(rows.astype(mx.bfloat16), getattr(bf16.model.layers[0].self_attn, name).weight).item()
     # Quantized matmuls are slow on the CPU backend: one single-token forward pass.
     token = mx.array([bf16.tokenizer.encode("Paris")])
     expected, got = bf16.model(token)[0, -1], q4.model(token)[0, -1]

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from kakeya_mlx.errors import ModelLoadError, UnsupportedModelError
-from kakeya_mlx.loader import SUPPORTED_MODEL_TYPES, load_model
+from kakeya_mlx.loader import SUPPORTED_MODEL_TYPES, held_arrays, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,3 +135,29 @@ def test_repo_id_resolves_from_the_hugging_face_cache_offline(qwen3_dir, tmp_pat
     error = out["error"]
     assert "'kakeya-test/not-downloaded'" in error and "not in the local Hugging Face cache" in error
     assert "HF_HOME" in error and "hf download kakeya-test/not-downloaded" in error
+
+
+@pytest.mark.parametrize("variant", ["llama3", "llama-yarn", "llama-longrope"])
+def test_arrays_made_lazily_at_load_are_evaluated_for_any_thread(make_model, variant):
+    """mlx-lm keeps some RoPE frequencies as lazy private attributes (`_freqs`), not
+    parameters. MLX streams are per thread, so one left lazy on the loading thread
+    fails on the compute thread; the loader evaluates every array the tree holds."""
+    loaded = load_model(make_model(variant))
+    held = {id(a) for a in held_arrays(loaded.model)}
+    ropes = [layer.self_attn.rope for layer in loaded.model.layers]
+    assert all(id(rope._freqs) in held for rope in ropes)
+    assert all(id(p) in held for _, p in tree_flatten(loaded.model.parameters()))
+
+    errors = []
+
+    def other_thread():
+        try:
+            mx.eval(held_arrays(loaded.model))
+            mx.eval(loaded.model(mx.array([[5, 6, 7]])))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert errors == []

@@ -14,15 +14,14 @@ import pytest
 from kakeya_mlx.cache import CacheShape, SinkWindowCache
 from kakeya_mlx.loader import load_model
 from kakeya_mlx.rope import layer_shifters
-
-VARIANTS = ["qwen3", "llama", "llama3", "llama-yarn", "llama-traditional"]
+from tools.make_test_model import VARIANTS
 
 
 def _attention(q, k, v):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-4), (mx.bfloat16, 3e-2)])
 def test_evicted_cache_attends_like_one_rebuilt_at_shifted_positions(make_model, variant, dtype, tol):
     loaded = load_model(make_model(variant))

@@ -12,7 +12,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models import rope_utils
 from mlx_lm.utils import load
 
-from tools.make_test_model import VARIANTS, make_test_model
+from tools.make_test_model import CHAT_FORMATS, VARIANTS, make_test_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -65,6 +65,10 @@ def _rope_kind(rope) -> str:
         return "llama3"
     if isinstance(rope, rope_utils.YarnRoPE):
         return f"yarn mscale={rope.mscale:.3f}"
+    if isinstance(rope, rope_utils.SuScaledRoPE):
+        return f"longrope scale={rope._scale:.3f}"
+    if isinstance(rope, rope_utils.DynamicNTKScalingRoPE):
+        return f"dynamic factor={rope.factor}"
     return f"plain traditional={rope.traditional}"
 
 
@@ -75,6 +79,8 @@ EXPECTED_ROPE = {
     "llama3": "llama3",
     "llama-yarn": "yarn mscale=1.139",  # 0.1 * ln(4) + 1: the input scaling is exercised
     "llama-traditional": "plain traditional=True",
+    "llama-longrope": "longrope scale=1.155",  # sqrt(1 + ln(256 / 64) / ln 64)
+    "llama-dynamic": "dynamic factor=2.0",
 }
 
 
@@ -127,3 +133,25 @@ def test_help_describes_the_command(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--variant" in out and "--seed" in out and "llama-yarn" in out
+
+
+@pytest.mark.parametrize("chat_format", sorted(CHAT_FORMATS))
+def test_chars_tokenizer_encodes_any_generated_text_back_to_its_tokens(make_model, chat_format):
+    """One token per ASCII character and no merges: whatever character tokens a model
+    generates are the tokenizer's own encoding of their text. Special tokens (all three
+    chat formats') get quiet output rows, so greedy text rarely holds one."""
+    model, tokenizer = load(str(make_model("llama", tokenizer="chars", chat_format=chat_format)))
+    config = CHAT_FORMATS[chat_format]
+    specials = [t for f in CHAT_FORMATS.values() for t in f["specials"]]
+    assert tokenizer.encode("".join(specials)) == list(range(len(specials)))
+    assert len(tokenizer.encode(PROMPT)) == len(PROMPT)
+    assert (tokenizer.bos_token, tokenizer.eos_token) == (config["bos"], config["eos"][0])
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered.index("Hi") < rendered.index("Hello") and config["eos"][0] in rendered
+
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    out = _greedy(model, tokenizer, prompt, 64)
+    assert not any(t < len(specials) for t in out)
+    assert tokenizer.encode(tokenizer.decode(out)) == out
+    assert len(set(out)) >= 16

@@ -1,0 +1,116 @@
+"""The probe of what the running backend keeps bit-identical, and the recompute choice it drives.
+
+MLX's Linux CPU wheel links the reference BLAS, whose matrix products give the same
+bits however many rows they run at once. An optimized BLAS preloaded in its place
+(OpenBLAS, from the cmeel-openblas dev dependency) does not; in a subprocess with it,
+the probe must say so and the engine must turn block recomputation on. That
+recomputation keeps the cache canonical is tests/test_determinism.py's to show.
+"""
+
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from kakeya_mlx import platform
+from kakeya_mlx.engine import Engine, EngineConfig
+from kakeya_mlx.probe import PIECES, TOKENS, probe
+
+REPO = Path(__file__).resolve().parents[1]
+OPENBLAS = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
+
+
+def test_the_probe_checks_every_layer_and_the_logits(loaded_qwen3):
+    found = probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
+    assert found.backend == platform.backend()
+    assert found.chunk_invariant == found.chunking.invariant == (found.chunking.differed == ())
+    assert (found.chunking.max_abs_diff == 0.0) == found.chunk_invariant
+    assert all(sum(sizes) == TOKENS for sizes in PIECES) and any(1 in sizes for sizes in PIECES)
+    assert ("identical" in found.describe()) == found.chunk_invariant
+
+
+@pytest.mark.skipif(
+    platform.backend() != "cpu" or sys.platform != "linux" or "LD_PRELOAD" in os.environ,
+    reason="MLX's Linux CPU wheel, with its own reference BLAS",
+)
+def test_the_linux_cpu_wheel_is_chunk_invariant(loaded_qwen3):
+    found = probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
+    assert found.chunk_invariant and found.chunking.differed == () and found.chunking.max_abs_diff == 0.0
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record):
+        self.lines.append((record.levelno, record.getMessage()))
+
+
+def test_the_engine_recomputes_where_the_probe_finds_a_difference_unless_configured(loaded_qwen3):
+    records = _Records()
+    logger = logging.getLogger("kakeya.engine")
+    level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    try:
+        probed = Engine(loaded_qwen3, EngineConfig(block=8))
+        forced = [Engine(loaded_qwen3, EngineConfig(block=8, recompute_blocks=v)).recompute_blocks for v in (True, False)]
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    found = probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
+    assert probed.recompute_blocks == (not found.chunk_invariant)
+    assert forced == [True, False]
+    assert records.lines[0] == (logging.INFO, f"{found.describe()}: recompute_blocks={probed.recompute_blocks}")
+    assert [line for _, line in records.lines[1:]] == [
+        "recompute_blocks=True, as configured (not probed)",
+        "recompute_blocks=False, as configured (not probed)",
+    ]
+
+
+def _library_dir(tmp_path: Path) -> Path:
+    """A folder where OpenBLAS finds libgfortran.so.5: the system's, else the copy MLX's wheel ships."""
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    shipped = glob.glob(str(Path(mx.__file__).parents[1] / "mlx_cpu.libs" / "*"))
+    for path in shipped:
+        (libs / Path(path).name).symlink_to(path)
+        if Path(path).name.startswith("libgfortran"):
+            (libs / "libgfortran.so.5").symlink_to(path)
+    return libs
+
+
+@pytest.mark.skipif(not OPENBLAS.is_file(), reason="cmeel-openblas (a Linux x86-64 dev dependency) is not installed")
+def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import json
+        from kakeya_mlx.engine import Engine, EngineConfig
+        from kakeya_mlx.loader import load_model
+        from kakeya_mlx.probe import probe
+
+        loaded = load_model({str(make_model("qwen3"))!r})  # float32: its matrix products go to the BLAS
+        found = probe(loaded.model, loaded.vocab_size)
+        engine = Engine(loaded, EngineConfig(block=8))
+        print(json.dumps({{"invariant": found.chunk_invariant, "differed": found.chunking.differed,
+                          "max_abs_diff": found.chunking.max_abs_diff, "recompute": engine.recompute_blocks}}))
+        """
+    )
+    env = {**os.environ, "LD_PRELOAD": str(OPENBLAS), "LD_LIBRARY_PATH": str(_library_dir(tmp_path))}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # On the tiny model only the vocabulary projection (the widest product) differs.
+    assert not out["invariant"] and "logits" in out["differed"] and out["max_abs_diff"] > 0
+    assert out["recompute"] is True

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
+from kakeya_protocol import params as rules
 
 from . import chat
 from .cache import CacheShape
@@ -262,6 +264,41 @@ class Engine:
             "kv_bytes": sum(s.kv_bytes for s in list(self._sessions.values())),
         }
 
+    # ---- memory accounting (what the daemon's memory governor budgets by) ----
+
+    def weights_bytes(self) -> int:
+        """Bytes held by the model's parameters, and the draft model's (quantization scales and biases included)."""
+        models = [self.loaded.model] + ([self.spec.draft.model] if self.spec.draft is not None else [])
+        return sum(a.nbytes for m in models for _, a in tree_flatten(m.parameters()))
+
+    def full_session_kv_bytes(self) -> int:
+        """Bytes one session's caches hold once full (they never hold more), its draft model's included."""
+        per_token = self.loaded.kv_bytes_per_token
+        if self.spec.draft is not None:
+            per_token += self.spec.draft.loaded.kv_bytes_per_token
+        return per_token * self.shape.bound
+
+    async def measure_working_bytes(self) -> int:
+        """Peak scratch memory of one block's forward pass, beyond the weights and the cache it fills.
+
+        Runs a block of token 0 through a throwaway session on the compute thread:
+        once to make what a model computes once and keeps, then three times, keeping
+        the largest peak (when buffers are freed varies from run to run).
+        """
+
+        def probe() -> int:
+            session = Session("working-bytes-probe", self.shape, self.ropes)
+            session.history.extend([0] * self.shape.block)
+            mx.synchronize()
+            before = mx.get_active_memory()
+            mx.reset_peak_memory()
+            prefill_piece(self.loaded.model, session, self.shape.block, self.recompute_blocks)
+            mx.synchronize()
+            return mx.get_peak_memory() - before - session.kv_bytes
+
+        await self._call(probe)
+        return max([0] + [await self._call(probe) for _ in range(3)])
+
     def _check_token_ids(self, tokens, allow_empty: bool = False) -> None:
         if not isinstance(tokens, (list, tuple)):
             raise InvalidArgumentError("tokens must be a list of token ids")
@@ -370,10 +407,9 @@ class Engine:
     def _generate_request(
         self, session: Session, max_tokens, sampling, stop, speculative, num_draft_tokens, logprobs, top_logprobs
     ) -> GenerateRequest:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise InvalidArgumentError(f"max_tokens={max_tokens!r}: must be an integer")
-        if max_tokens < 1:
-            raise InvalidArgumentError(f"max_tokens={max_tokens}: must be >= 1")
+        problem = rules.explain("max_tokens", max_tokens)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
         if max_tokens > self.config.max_new_tokens:
             raise InvalidArgumentError(
                 f"max_tokens={max_tokens} exceeds max_new_tokens={self.config.max_new_tokens}"
@@ -382,9 +418,9 @@ class Engine:
             raise InvalidArgumentError("sampling must be a SamplingParams")
         sampling.validate()
         stop = list(stop or [])
-        for s in stop:
-            if not isinstance(s, str) or not s:
-                raise InvalidArgumentError(f"stop entry {s!r}: must be a non-empty string")
+        problem = rules.explain("stop", stop)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
         if not session.history:
             raise InvalidArgumentError(
                 f"session {session.id!r} has an empty history: append a prompt before generating"
@@ -407,7 +443,7 @@ class Engine:
     def generate(
         self,
         session_id: str,
-        max_tokens: int = 256,
+        max_tokens: int = rules.DEFAULT_MAX_TOKENS,
         sampling: SamplingParams = SamplingParams(),
         stop: Optional[list[str]] = None,
         speculative: Optional[str] = None,

@@ -7,58 +7,43 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
+from kakeya_protocol import params as rules
 
 from .errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. temperature 0 means greedy."""
+    """How to pick each next token. temperature 0 (or below rules.GREEDY_TEMPERATURE) means greedy.
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context: int = 64
+    The types, ranges and defaults are the protocol's generation-parameter rules
+    (kakeya_protocol.params), shared with the socket codec and the HTTP front.
+    """
+
+    temperature: float = rules.RULES["temperature"].default
+    top_p: float = rules.RULES["top_p"].default
+    top_k: int = rules.RULES["top_k"].default
+    min_p: float = rules.RULES["min_p"].default
+    repetition_penalty: float = rules.RULES["repetition_penalty"].default
+    repetition_context: int = rules.REPETITION_CONTEXT
     seed: Optional[int] = None
 
     def validate(self) -> None:
-        """Raise InvalidArgumentError naming the first bad field."""
-
-        def bad(field: str, why: str):
-            raise InvalidArgumentError(f"{field}={getattr(self, field)!r}: {why}")
-
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        """Raise InvalidArgumentError naming the first bad field and its range."""
+        for name in rules.SAMPLING_NAMES:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                bad(name, "must be a number")
-            if value != value or value in (float("inf"), float("-inf")):
-                bad(name, "must be finite")
-        for name in ("top_k", "repetition_context"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                bad(name, "must be an integer")
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0 (0 turns it off)")
-        if not 0 <= self.min_p <= 1:
-            bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0 (1 turns it off)")
-        if self.repetition_context < 1:
-            bad("repetition_context", "must be >= 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", "must be an integer")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            bad("seed", "must be in [0, 2**63)")
+            if name == "seed" and value is None:
+                continue
+            message = rules.explain(name, value)
+            if message is not None:
+                raise InvalidArgumentError(message)
+        context = self.repetition_context
+        if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+            raise InvalidArgumentError(f"repetition_context={context!r}: must be an integer >= 1")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return rules.is_greedy(self.temperature)
 
 
 def apply_repetition_penalty(logits: mx.array, recent: list[int], penalty: float) -> mx.array:
@@ -67,6 +52,7 @@ def apply_repetition_penalty(logits: mx.array, recent: list[int], penalty: float
         return logits
     ids = mx.array(sorted(set(recent)))
     picked = logits[:, ids]
+    penalty = float(penalty)
     logits[:, ids] = mx.where(picked < 0, picked * penalty, picked / penalty)
     return logits
 
@@ -79,7 +65,7 @@ def _filter(logprobs: mx.array, params: SamplingParams) -> mx.array:
         kth = mx.sort(logprobs, axis=-1)[:, vocab - params.top_k][:, None]
         logprobs = mx.where(logprobs < kth, neg_inf, logprobs)
     if params.min_p > 0:
-        floor = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(params.min_p))
+        floor = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(float(params.min_p)))
         logprobs = mx.where(logprobs < floor, neg_inf, logprobs)
     if params.top_p < 1:
         order = mx.argsort(-logprobs, axis=-1)
@@ -118,7 +104,7 @@ class Sampler:
 
     def logprobs(self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None) -> mx.array:
         """The normalized log-distribution sampling draws from: penalty, mask, temperature, then top-k / top-p / min-p."""
-        scaled = self.adjusted(logits, recent, mask) / self.params.temperature
+        scaled = self.adjusted(logits, recent, mask) / float(self.params.temperature)
         scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
         kept = _filter(scaled, self.params)
         return kept - mx.logsumexp(kept, axis=-1, keepdims=True)

@@ -15,7 +15,8 @@ import pytest
 from kakeya_client import AsyncClient, ResourceExhausted
 from kakeya_daemon.config import DaemonConfig
 from kakeya_daemon.lifecycle import StartError
-from kakeya_daemon.server import Daemon, _frames, running_daemon
+from kakeya_daemon.dispatch import event_frames
+from kakeya_daemon.server import Daemon, running_daemon
 from kakeya_mlx.events import DoneEvent, TokenEvent, TruncatedEvent
 from kakeya_protocol import FrameDecoder, encode_frame, parse_server_message
 
@@ -196,6 +197,8 @@ async def test_hello_must_come_first_and_announces_model_and_limits(daemon, load
         "max_append_tokens": 256,
         "max_new_tokens": 20000,
         "idle_ttl_s": 0.0,
+        "max_requests_per_connection": daemon.config.max_requests_per_connection,
+        "frame_timeout_s": daemon.config.frame_timeout_s,
     }
     # The same connection, still open, now serves requests.
     assert "session_id" in await client.result("create_session")
@@ -298,7 +301,7 @@ def test_tokens_that_pile_up_are_sent_as_one_frame_in_order():
         TokenEvent(7, "c"),
         DoneEvent(stop_reason="max_tokens", generated_tokens=3),
     ]
-    frames = _frames(9, batch)
+    frames = event_frames(9, batch)
     assert [(f["event"], f["data"].get("tokens"), f["data"].get("text")) for f in frames] == [
         ("tokens", [5, 6], "ab"),
         ("truncated", None, None),
@@ -496,24 +499,39 @@ async def test_idle_sessions_are_closed_after_the_ttl(config, loaded_qwen3):
         await client.close()
 
 
-async def test_memory_budget_evicts_least_recently_used_idle_sessions(config, loaded_qwen3):
-    async with running_daemon(config(), loaded=loaded_qwen3) as d:
+async def fill(client: RawClient, model: dict) -> str:
+    """A new session whose cache holds its bound: more history than sink + window + block, all run."""
+    sid = (await client.result("create_session"))["session_id"]
+    bound = model["sink"] + model["window"] + model["block"]
+    await client.result("append", session_id=sid, tokens=[(7 * i) % model["vocab_size"] for i in range(bound + 4)])
+    assert done_of(await client.generate(session_id=sid, max_tokens=2))["stop_reason"] != "error"
+    return sid
+
+
+async def test_a_memory_budget_sized_for_n_sessions_keeps_n(config, loaded_qwen3):
+    # Measure what the budget counts: the weights, the working margin and one full cache. The
+    # margin is measured again at each start; half a session of slack covers its run-to-run spread.
+    settings = dict(window=120, max_append_tokens=256)
+    async with running_daemon(config(memory_budget_bytes=1 << 30, **settings), loaded=loaded_qwen3) as d:
         client = await RawClient.connect(d.socket_path)
-        sessions = []
-        for prompt in PROMPTS[:3]:
-            sid = await new_session(client, prompt)
-            await client.generate(session_id=sid, max_tokens=4)  # fills its cache
-            sessions.append(sid)
-        # The budget sits just under what is in use now: one eviction brings memory under it.
-        d.admission.memory_budget_bytes = d.engine.memory()["active_bytes"] - 1
-        await client.result("create_session")
-        evicted = await client.call("session_info", session_id=sessions[0])
-        assert evicted["error"]["code"] == "not_found"
-        assert "memory_budget_bytes" in evicted["error"]["message"]
-        for sid in sessions[1:]:
-            await client.result("session_info", session_id=sid)
+        memory = (await client.result("stats"))["memory"]
+        model = d.engine.model_info()
+        await client.close()
+    full = model["kv_bytes_per_token"] * (model["sink"] + model["window"] + model["block"])
+    n = 3
+    budget = memory["weights_bytes"] + memory["margin_bytes"] + n * full + full // 2
+    async with running_daemon(config(memory_budget_bytes=budget, **settings), loaded=loaded_qwen3) as d:
+        client = await RawClient.connect(d.socket_path)
+        sessions = [await fill(client, model) for _ in range(n + 2)]
+        for sid in sessions[:2]:  # the least recently used went, saying why
+            evicted = await client.call("session_info", session_id=sid)
+            assert evicted["error"]["code"] == "not_found"
+            assert f"memory_budget_bytes={budget}" in evicted["error"]["message"]
+        for sid in sessions[2:]:
+            assert (await client.result("session_info", session_id=sid))["kv_bytes"] == full
         stats = await client.result("stats")
-        assert stats["sessions"]["evicted_lru"] == 1 and stats["rejections"] == {}
+        assert stats["sessions"]["active"] == n and stats["sessions"]["evicted_lru"] == 2
+        assert stats["memory"]["held_bytes"] <= budget and stats["rejections"] == {}
         await client.close()
 
 

@@ -1,6 +1,7 @@
 """Bad input never takes the daemon down; signals, exit codes and start failures of the real process."""
 
 import asyncio
+import json
 import os
 import signal
 import struct
@@ -9,13 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import msgpack
 import pytest
 
-from kakeya_daemon import server
 from kakeya_daemon.config import DaemonConfig, load_config
 from kakeya_daemon.server import main, running_daemon
 from kakeya_mlx import loader
+from test_daemon_http import free_port
 from test_daemon import (  # noqa: F401  (fixtures)
     HANG_GUARD_S,
     LONG,
@@ -167,7 +169,7 @@ async def test_an_unexpected_exception_is_an_internal_error_and_the_daemon_keeps
 
     async with running_daemon(config(), loaded=loaded_qwen3) as d:
         client = await RawClient.connect(d.socket_path)
-        monkeypatch.setattr(server, "stats_reply", broken_stats)
+        monkeypatch.setattr(d.core, "stats", broken_stats)
         reply = await client.call("stats")
         assert reply["error"]["code"] == "internal" and "stats exploded" in reply["error"]["message"]
         monkeypatch.undo()
@@ -185,6 +187,8 @@ async def test_peers_of_another_uid_are_refused(config, loaded_qwen3, sock_dir):
             "import os, socket, struct, msgpack\n"
             "os.setgid(65534); os.setuid(65534)\n"
             "s = socket.socket(socket.AF_UNIX); s.connect(%r)\n"
+            "hello = msgpack.packb({'id': 1, 'method': 'hello', 'params': {'protocol': 1}})\n"
+            "s.sendall(struct.pack('>I', len(hello)) + hello)\n"
             "data = b''\n"
             "while True:\n"
             "    chunk = s.recv(65536)\n"
@@ -195,7 +199,7 @@ async def test_peers_of_another_uid_are_refused(config, loaded_qwen3, sock_dir):
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), HANG_GUARD_S)
         assert proc.returncode == 0 and b"uid 65534 refused" in out
-        assert d.admission.rejections["peer_uid"] == 1
+        assert d.core.counters.rejections["peer_uid"] == 1
         sock_dir.chmod(0o700)
 
 
@@ -317,3 +321,30 @@ def test_process_with_a_bad_model_path_exits_1_with_one_clear_line(sock_dir, tmp
     assert len(errors) == 1 and "cannot start" in errors[0] and str(missing) in errors[0]
     assert "Traceback" not in log_path.read_text()
     assert not (sock_dir / "kakeya.sock").exists() and not (sock_dir / "kakeya.sock.lock").exists()
+
+
+async def test_process_sigterm_ends_an_http_stream_with_its_ending_and_exits_0(qwen3_dir, sock_dir, tmp_path):
+    log_path = tmp_path / "daemon.log"
+    port = free_port()
+    proc = start_process([*process_args(qwen3_dir, sock_dir), "--http-port", str(port)], log_path)
+    try:
+        client = await wait_serving(proc, sock_dir / "kakeya.sock", log_path)
+        body = {"prompt": "Once upon a time", "max_tokens": LONG, "stream": True}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
+                lines = response.content.__aiter__()
+                assert (await lines.__anext__()).startswith(b"data: ")  # it streams
+                proc.send_signal(signal.SIGTERM)
+                rest = [line.strip() async for line in lines if line.strip()]
+        assert rest[-1] == b"data: [DONE]"
+        ending = json.loads(rest[-2][len(b"data: "):])
+        assert ending["error"]["code"] == "cancelled"
+        assert len(rest) < LONG // 2  # it stopped long before max_tokens
+        assert await client.at_eof()
+        assert await asyncio.to_thread(proc.wait, HANG_GUARD_S) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_path.read_text()
+    assert "shutting down: 1 generation(s) in flight" in log and "generation done (cancelled)" in log
+    assert not (sock_dir / "kakeya.sock").exists()

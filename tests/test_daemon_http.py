@@ -65,7 +65,7 @@ async def test_http_generations_take_the_daemons_generation_slots(qwen3_dir, soc
                 await client.completions.create(model=endless.name, prompt="hi", max_tokens=2)
             await stream.cancel()
             await client.close()
-        assert daemon.stats_reply()["rejections"]["max_concurrent_generations"] >= 1
+        assert daemon.core.stats()["rejections"]["max_concurrent_generations"] >= 1
 
 
 async def test_http_port_in_use_is_a_clear_start_error(qwen3_dir, sock_dir, loaded_qwen3):

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP front, spoken to by the official `openai` client and raw HTTP.
 
-A real tiny model with its real tokenizer and chat template, the real engine, a
-real aiohttp server on a loopback port (and a Unix socket).
+A real tiny model with its real tokenizer and chat template, served by the real
+daemon (core, admission, session pool) with its HTTP front on a loopback port
+(and a Unix socket).
 """
 
 import asyncio
@@ -9,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -17,13 +19,12 @@ import httpx2
 import openai
 import pytest
 
-from kakeya_daemon.admission import Admission
-from kakeya_daemon.openai_http import HttpOptions, start_http
-from kakeya_mlx.engine import Engine, EngineConfig
+from kakeya_daemon.server import Daemon, running_daemon
+from kakeya_mlx.engine import Engine
 from kakeya_mlx.loader import load_model
+from test_daemon import make_config
 from tools.make_test_model import make_test_model
 
-CONFIG = EngineConfig(sink=4, window=24, block=8, max_append_tokens=1024, max_new_tokens=1000)
 KEY = "sk-test-key"
 MAX_BODY = 64 * 1024
 QUESTION = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. What next?"}]
@@ -42,40 +43,50 @@ def endless(model_dir):
     return dataclasses.replace(load_model(str(model_dir)), eos_token_ids=[])
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @dataclasses.dataclass
 class Front:
-    engine: Engine
-    server: object
+    daemon: Daemon
     url: str
     model: str
 
     clients: list = dataclasses.field(default_factory=list)
+
+    @property
+    def engine(self) -> Engine:
+        return self.daemon.engine
 
     def client(self, api_key: str = KEY) -> openai.AsyncOpenAI:
         self.clients.append(openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0))
         return self.clients[-1]
 
     def sessions(self) -> list[dict]:
-        return self.engine.list_sessions()
+        return self.daemon.core.list_sessions()
 
 
 @contextlib.asynccontextmanager
-async def running_front(loaded, hooks=None, **options):
-    engine = Engine(loaded, CONFIG)
-    await engine.start()
-    settings = dict(port=0, api_keys=(KEY,), max_body_bytes=MAX_BODY)
-    settings.update(options)
-    server = await start_http(engine, HttpOptions(**settings), hooks)
-    front = Front(
-        engine, server, next((u for u in server.urls if u.startswith("http://")), None), engine.model_info()["name"]
+async def running_front(loaded, **settings):
+    directory = Path(tempfile.mkdtemp(prefix="kh-", dir="/tmp"))
+    options = dict(
+        max_append_tokens=1024, max_new_tokens=1000, http_port=free_port(), http_api_keys=KEY, http_max_body_bytes=MAX_BODY
     )
+    options.update(settings)
     try:
-        yield front
+        async with running_daemon(make_config("unused", directory, **options), loaded=loaded) as daemon:
+            url = next((u for u in daemon.http.urls if u.startswith("http://")), None)
+            front = Front(daemon, url, daemon.engine.model_info()["name"])
+            try:
+                yield front
+            finally:
+                for client in front.clients:
+                    await client.close()
     finally:
-        for client in front.clients:
-            await client.close()
-        await server.stop()
-        await engine.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -285,7 +296,7 @@ async def test_completion_that_extends_a_previous_one_reuses_it(front):
 
 
 async def test_at_most_max_sessions_least_recently_used_closed(endless):
-    async with running_front(endless, max_sessions=2) as front:
+    async with running_front(endless, http_max_sessions=2) as front:
         client = front.client()
         prompts = [await front.engine.tokenize(f"Conversation number {i}.") for i in range(3)]
         for ids in prompts:
@@ -398,30 +409,7 @@ async def test_malformed_and_oversize_bodies(front):
 
 
 async def test_admission_refusal_is_a_429_and_counted(endless):
-    admission = Admission(
-        max_sessions=64,
-        max_concurrent_generations=1,
-        queue_policy="reject",
-        max_queue_wait_s=0,
-        memory_budget_bytes=None,
-    )
-
-    class Hooks:
-        @contextlib.asynccontextmanager
-        async def generation_slot(self):
-            await admission.acquire_generation()
-            try:
-                yield
-            finally:
-                admission.release_generation()
-
-        def stats(self) -> dict:
-            return {"rejections": dict(admission.rejections), "sessions": {"active": 0}}
-
-        def count_rejection(self, reason: str) -> None:
-            admission.rejections[reason] += 1
-
-    async with running_front(endless, hooks=Hooks()) as front:
+    async with running_front(endless, max_concurrent_generations=1, queue_policy="reject") as front:
         client = front.client()
         long_one = await client.chat.completions.create(
             model=front.model, messages=QUESTION, max_tokens=900, temperature=0, stream=True
@@ -510,8 +498,8 @@ async def test_serves_on_a_unix_socket(endless):
     directory = Path(tempfile.mkdtemp(prefix="kk-", dir="/tmp"))
     path = directory / "http.sock"
     try:
-        async with running_front(endless, port=None, unix_socket=str(path), api_keys=()) as front:
-            assert front.url is None and front.server.urls == [f"unix:{path}"]
+        async with running_front(endless, http_port=0, http_socket=str(path), http_api_keys="") as front:
+            assert front.url is None and front.daemon.http.urls == [f"unix:{path}"]
             assert path.stat().st_mode & 0o777 == 0o600
             transport = httpx2.AsyncHTTPTransport(uds=str(path))
             client = openai.AsyncOpenAI(

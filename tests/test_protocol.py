@@ -277,7 +277,7 @@ GOOD = {
     ],
     "generate": [
         {"session_id": SID},
-        {"session_id": SID, "max_tokens": 1, "temperature": 0.0, "top_p": 1e-9, "top_k": 0, "min_p": 1, "repetition_penalty": 1e-3},
+        {"session_id": SID, "max_tokens": 1, "temperature": 0.0, "top_p": 1e-9, "top_k": 0, "min_p": 1, "repetition_penalty": 0.01},
         {"session_id": SID, "seed": 0, "stop": ["a"] * 16},
         {"session_id": SID, "stop": []},
     ],
@@ -409,9 +409,96 @@ def test_unknown_method_lists_the_methods():
     assert "'generat'" in error.message and "did you mean 'generate'" in error.message and "shutdown" in error.message
 
 
-def test_non_string_parameter_names():
-    error = rejected({"id": 9, "method": "stats", "params": {b"x": 1}})
-    assert (error.code, error.id) == ("invalid_argument", 9) and "strings" in error.message
+@pytest.mark.parametrize(
+    "obj, named",
+    [
+        ({"id": 9, "method": "stats", "params": {b"x": 1}}, "bin"),
+        ({"id": 9, "method": "append", "params": {"messages": [{b"role": "user"}]}}, "bin"),
+    ],
+)
+def test_a_bin_key_at_any_depth_is_a_framing_error(obj, named):
+    with pytest.raises(ProtocolError, match=named):
+        decode_one(frame_of(msgpack.packb(obj, use_bin_type=True)))
+
+
+def test_a_duplicate_map_key_at_any_depth_is_a_framing_error():
+    # {"id": 1, "method": "stats", "id": 2}: most decoders would silently keep one of the two.
+    top = b"\x83\xa2id\x01\xa6method\xa5stats\xa2id\x02"
+    with pytest.raises(ProtocolError, match="'id' appears twice"):
+        decode_one(frame_of(top))
+    nested = b"\x83\xa2id\x01\xa6method\xa8tokenize\xa6params\x82\xa4text\xa1a\xa4text\xa1b"
+    with pytest.raises(ProtocolError, match="'text' appears twice"):
+        decode_one(frame_of(nested))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [msgpack.ExtType(5, b"xy"), msgpack.Timestamp(1, 0)],
+    ids=["ext", "timestamp"],
+)
+def test_an_ext_value_is_a_wrong_type_wherever_it_stands(value):
+    raw = frame_of(msgpack.packb({"id": 4, "method": "generate", "params": {"session_id": SID, "temperature": value}}))
+    error = rejected(decode_one(raw))
+    assert (error.code, error.id) == ("invalid_argument", 4) and "temperature" in error.message and "ext" in error.message
+    raw = frame_of(msgpack.packb({"id": value, "method": "stats"}))
+    error = rejected(decode_one(raw))
+    assert (error.code, error.id) == ("protocol_error", None) and "ext" in error.message
+
+
+def test_requests_before_hello_are_protocol_errors_whatever_their_params():
+    for message in ({"id": 5, "method": "stats"}, {"id": 5, "method": "generate", "params": {"nonsense": 1}},
+                    {"id": 5, "method": "no_such_method"}):
+        error = rejected_before_hello(message)
+        assert (error.code, error.id) == ("protocol_error", 5) and "'hello'" in error.message
+    assert parse_request({"id": 5, "method": "hello", "params": {"protocol": 1}}, hello_done=False).method == "hello"
+
+
+def rejected_before_hello(message: dict) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        parse_request(message, hello_done=False)
+    return caught.value
+
+
+def nested(depth: int):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "message, code",
+    [
+        ({"id": nested(1000), "method": "stats"}, "protocol_error"),
+        ({"id": 3, "method": "append", "params": {"session_id": SID, "tokens": [1, nested(1000)]}}, "invalid_argument"),
+        ({"id": 3, "method": "generate", "params": {"session_id": SID, "stop": [nested(1000)]}}, "invalid_argument"),
+        ({"id": 3, "method": "append", "params": {"session_id": SID, "messages": [{"role": nested(1000)}]}}, "invalid_argument"),
+        ({"id": 3, "method": "x" * (16 << 20)}, "invalid_argument"),
+        ({"id": 3, "method": "stats", "params": {"y" * (16 << 20): 1}}, "invalid_argument"),
+        ({"id": 3, "method": "generate", "params": {"session_id": SID, "temperature": "z" * (16 << 20)}}, "invalid_argument"),
+    ],
+    ids=["nested id", "nested token", "nested stop", "nested role", "huge method", "huge key", "huge value"],
+)
+def test_error_messages_quote_client_values_only_up_to_a_bounded_length(message, code):
+    error = rejected(message)
+    assert error.code == code
+    assert len(error.message) < 400
+
+
+@pytest.mark.parametrize(
+    "name, value, named",
+    [
+        ("temperature", 3, "[0, 2]"),
+        ("temperature", 2**64 - 1, "[0, 2]"),
+        ("repetition_penalty", 2**63, "[0.01, 100]"),
+        ("repetition_penalty", 1e-38, "[0.01, 100]"),
+        ("top_k", 2**64 - 1, "2**31 - 1"),
+        ("seed", 2**63, "2**63 - 1"),
+    ],
+)
+def test_absurd_numbers_are_refused_naming_the_field_and_its_range(name, value, named):
+    error = rejected(request("generate", session_id=SID, **{name: value}))
+    assert error.code == "invalid_argument" and name in error.message and named in error.message
 
 
 @pytest.mark.parametrize(

@@ -1,96 +1,79 @@
-"""Admission: the session limit, generation slots (reject or queue), and the memory budget.
+"""Admission of generations: a fixed number of slots, and a bounded FIFO queue or an immediate refusal.
 
-Every refusal raises ResourceExhaustedError whose message names the limit, and is
-counted in `rejections` under that limit's name.
+Pure policy: it hands out slots and says no; it never calls back into its owner.
+Every refusal is a `Refusal` naming the limit that refused.
 """
 
 import asyncio
 import collections
-from typing import Awaitable, Callable, Optional
 
 from kakeya_mlx.errors import ResourceExhaustedError
 
 
-class Admission:
-    """Decides whether new sessions and generations may start."""
+class Refusal(ResourceExhaustedError):
+    """A request refused by a daemon limit; `limit` is the setting's name (the key in stats.rejections)."""
 
-    def __init__(
-        self,
-        max_sessions: int,
-        max_concurrent_generations: int,
-        queue_policy: str,
-        max_queue_wait_s: float,
-        memory_budget_bytes: Optional[int],
-    ):
-        self.max_sessions = max_sessions
-        self.max_generations = max_concurrent_generations
+    def __init__(self, limit: str, message: str):
+        super().__init__(message)
+        self.limit = limit
+
+
+class Admission:
+    """Generation slots: at most `max_generations` run; others wait in FIFO order or are refused."""
+
+    def __init__(self, max_generations: int, queue_policy: str, max_queue_wait_s: float, max_queued: int):
+        self.max_generations = max_generations
         self.queue_policy = queue_policy
         self.max_queue_wait_s = max_queue_wait_s
-        self.memory_budget_bytes = memory_budget_bytes  # None: no budget
-        self.active_generations = 0
-        self.rejections: collections.Counter = collections.Counter()
+        self.max_queued = max_queued
+        self.active = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     @property
-    def queued_generations(self) -> int:
+    def queued(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
 
-    def reject(self, limit: str, message: str) -> ResourceExhaustedError:
-        """Count a refusal under `limit` and return the error to raise."""
-        self.rejections[limit] += 1
-        return ResourceExhaustedError(message)
+    def try_acquire(self) -> bool:
+        """Take a free slot now if there is one and nobody waits for it."""
+        if self.active < self.max_generations and not self.queued:
+            self.active += 1
+            return True
+        return False
 
-    def check_session_slot(self, sessions_held: int) -> None:
-        if sessions_held >= self.max_sessions:
-            raise self.reject(
-                "max_sessions",
-                f"session limit reached (max_sessions={self.max_sessions}); close a session or raise max_sessions",
-            )
+    async def acquire(self) -> None:
+        """Take a slot, waiting in FIFO order if the policy is 'queue'; Refusal otherwise."""
+        if not self.try_acquire():
+            await self.wait(self.enqueue())
 
-    async def fit_memory(self, measure: Callable[[], int], evict_one: Callable[[], Awaitable[bool]]) -> int:
-        """Evict idle sessions while over the budget; return MLX active bytes after.
-
-        measure() reads MLX's active memory; evict_one() closes the least recently
-        used idle session and says whether there was one.
-        """
-        active = measure()
-        while self.memory_budget_bytes is not None and active > self.memory_budget_bytes and await evict_one():
-            active = measure()
-        return active
-
-    async def check_memory(self, measure: Callable[[], int], evict_one: Callable[[], Awaitable[bool]]) -> None:
-        """Within budget, or made so by evicting idle sessions (LRU first); else reject."""
-        active = await self.fit_memory(measure, evict_one)
-        budget = self.memory_budget_bytes
-        if budget is not None and active > budget:
-            raise self.reject(
-                "memory_budget_bytes",
-                f"memory budget exceeded: MLX active memory is {active} bytes, over "
-                f"memory_budget_bytes={budget}, and no idle session is left to evict",
-            )
-
-    async def acquire_generation(self) -> None:
-        """Take a generation slot, waiting in FIFO order if the policy is 'queue'."""
-        if self.active_generations < self.max_generations and not self.queued_generations:
-            self.active_generations += 1
-            return
+    def enqueue(self) -> asyncio.Future:
+        """Join the queue now (it counts as queued at once); `wait` on the result. Refusal if it may not."""
         if self.queue_policy == "reject":
-            raise self.reject(
+            raise Refusal(
                 "max_concurrent_generations",
                 f"all generation slots are busy (max_concurrent_generations={self.max_generations}, "
                 "queue_policy=reject); try again shortly",
             )
+        if self.queued >= self.max_queued:
+            raise Refusal(
+                "max_queued_generations",
+                f"the generation queue is full (max_queued_generations={self.max_queued}, "
+                f"max_concurrent_generations={self.max_generations}); try again shortly",
+            )
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        return waiter
+
+    async def wait(self, waiter: asyncio.Future) -> None:
+        """Wait for the slot `waiter` was queued for, up to max_queue_wait_s (then Refusal)."""
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.max_queue_wait_s)
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
-                self.release_generation()  # the slot arrived just as we gave up: pass it on
+                self.release()  # the slot arrived just as we gave up: pass it on
             else:
                 waiter.cancel()
             if isinstance(exc, asyncio.TimeoutError):
-                raise self.reject(
+                raise Refusal(
                     "max_queue_wait_s",
                     f"no generation slot freed within max_queue_wait_s={self.max_queue_wait_s:g} "
                     f"(max_concurrent_generations={self.max_generations})",
@@ -102,11 +85,11 @@ class Admission:
             except ValueError:
                 pass
 
-    def release_generation(self) -> None:
+    def release(self) -> None:
         """Hand the slot to the longest waiter, or free it."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
-        self.active_generations -= 1
+        self.active -= 1

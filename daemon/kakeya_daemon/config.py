@@ -50,22 +50,45 @@ class DaemonConfig:
     sink: int = _opt(4, "attention-sink tokens kept at the start of every session's cache")
     window: int = _opt(0, "most recent tokens kept in every session's cache; 0 fills the model's range up to 2048")
     block: int = _opt(64, "tokens per cache block: the cache commits and slides in whole blocks")
-    max_sessions: int = _opt(64, "sessions held at once; create_session beyond it is rejected")
+    max_sessions: int = _opt(
+        64,
+        "sessions held at once, both fronts together; beyond it the least recently used idle pooled HTTP "
+        "session is closed, else create_session is refused",
+    )
     max_concurrent_generations: int = _opt(4, "generations running at once, over all sessions")
     queue_policy: str = _opt("queue", "when every generation slot is taken: 'queue' waits, 'reject' refuses at once")
     max_queue_wait_s: float = _opt(30.0, "longest a queued generate waits for a slot before it is rejected")
+    max_queued_generations: int = _opt(64, "generates waiting for a slot at once; beyond it they are refused")
     idle_ttl_s: float = _opt(3600.0, "close sessions unused for this many seconds; 0 keeps them forever")
     idle_sweep_interval_s: float = _opt(30.0, "how often idle sessions and the memory budget are checked")
     memory_budget_bytes: int = _opt(
         0,
-        "MLX active-memory budget (bytes, or e.g. 8GiB): over it, idle sessions are evicted least recently "
-        f"used first, then new work is rejected; 0 = {AUTO_BUDGET_FRACTION:.0%} of the device's recommended "
-        "working set where MLX reports one, -1 = no budget",
+        "memory budget (bytes, or e.g. 8GiB) for the weights, a working margin measured at start and the "
+        "sessions' KV caches: over it, idle sessions are evicted least recently used first, then new work is "
+        f"rejected; 0 = {AUTO_BUDGET_FRACTION:.0%} of the device's recommended working set where MLX reports one, "
+        "-1 = no budget",
         kind="size",
     )
     max_frame_bytes: int = _opt(MAX_FRAME_BYTES, "largest protocol frame accepted or sent", kind="size")
     max_append_tokens: int = _opt(32768, "most tokens one append may add")
-    max_new_tokens: int = _opt(4096, "largest max_tokens a generate may ask for")
+    max_new_tokens: int = _opt(
+        4096, "largest max_tokens a generate may ask for (one that does not say gets min(256, this))"
+    )
+    max_connections: int = _opt(128, "socket connections open at once; more are refused")
+    max_requests_per_connection: int = _opt(
+        32, "requests one socket connection may have in flight; beyond it the daemon stops reading from it"
+    )
+    max_connection_buffer_bytes: int = _opt(
+        32 << 20,
+        "bytes of requests one socket connection may have in flight; beyond it the daemon stops reading from it",
+        kind="size",
+    )
+    frame_timeout_s: float = _opt(
+        30.0,
+        "longest a begun frame or HTTP request may take to arrive, and a peer may leave a reply unread; "
+        "the connection is closed after it",
+    )
+    shutdown_grace_s: float = _opt(10.0, "longest a stop waits for generations and replies to finish")
     log_level: str = _opt("info", "log verbosity: debug, info, warning or error")
     http_host: str = _opt("127.0.0.1", "OpenAI-compatible HTTP front: address to listen on (keep it on loopback "
                           "unless API keys are set)")
@@ -73,7 +96,11 @@ class DaemonConfig:
     http_socket: str = _opt("", "OpenAI-compatible HTTP front: Unix socket path; empty = off")
     http_api_keys: str = _opt("", "comma-separated bearer keys the HTTP front requires; empty = no auth")
     http_max_body_bytes: int = _opt(1 << 20, "largest HTTP request body (bigger ones get 413)", kind="size")
-    http_max_sessions: int = _opt(8, "sessions the HTTP front keeps resident for cache reuse (LRU idle one closed)")
+    http_max_sessions: int = _opt(
+        8, "sessions the HTTP front keeps for cache reuse (its LRU idle one is closed); they count in max_sessions"
+    )
+    http_max_connections: int = _opt(64, "HTTP connections open at once; more get 503")
+    http_keepalive_s: float = _opt(75.0, "how long an idle HTTP keep-alive connection stays open")
 
     def socket_path(self) -> Path:
         """The socket to serve: the configured path, else the platform default."""
@@ -103,13 +130,21 @@ class DaemonConfig:
         check("idle_ttl_s", self.idle_ttl_s >= 0, "must be >= 0 (0 = never)")
         check("idle_sweep_interval_s", self.idle_sweep_interval_s > 0, "must be > 0")
         check("memory_budget_bytes", self.memory_budget_bytes >= -1, "must be a size, 0 (automatic) or -1 (none)")
+        check("max_queued_generations", self.max_queued_generations >= 0, "must be >= 0")
         check("max_frame_bytes", 1024 <= self.max_frame_bytes < 2**32, "must be in [1 KiB, 4 GiB)")
+        check("max_connections", self.max_connections >= 1, "must be >= 1")
+        check("max_requests_per_connection", self.max_requests_per_connection >= 1, "must be >= 1")
+        check("max_connection_buffer_bytes", self.max_connection_buffer_bytes >= 1024, "must be >= 1 KiB")
+        check("frame_timeout_s", self.frame_timeout_s > 0, "must be > 0")
+        check("shutdown_grace_s", self.shutdown_grace_s >= 0, "must be >= 0")
         check("max_append_tokens", self.max_append_tokens >= 1, "must be >= 1")
         check("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         check("log_level", self.log_level in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS))
         check("http_port", 0 <= self.http_port <= 65535, "must be a TCP port (0 = off)")
         check("http_max_body_bytes", self.http_max_body_bytes >= 1024, "must be >= 1 KiB")
         check("http_max_sessions", self.http_max_sessions >= 1, "must be >= 1")
+        check("http_max_connections", self.http_max_connections >= 1, "must be >= 1")
+        check("http_keepalive_s", self.http_keepalive_s > 0, "must be > 0")
 
     @property
     def http_enabled(self) -> bool:

@@ -21,7 +21,7 @@ class StartError(Exception):
     """The daemon cannot start; the message says why in one line."""
 
 
-def ensure_private_dir(directory: Path) -> None:
+def ensure_private_dir(directory: Path, option: str = "--socket") -> None:
     """Create `directory` with mode 0700, or check an existing one is ours and not writable by others."""
     try:
         directory.mkdir(mode=0o700, parents=True)
@@ -37,12 +37,12 @@ def ensure_private_dir(directory: Path) -> None:
     if st.st_uid != os.getuid():
         raise StartError(
             f"socket directory {directory} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
-            "choose another --socket"
+            f"choose another {option}"
         )
     if st.st_mode & 0o022:
         raise StartError(
             f"socket directory {directory} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run 'chmod 700 {directory}' or choose another --socket"
+            f"run 'chmod 700 {directory}' or choose another {option}"
         )
 
 
@@ -111,19 +111,19 @@ def _already_serving(path: Path, pid: Optional[int]) -> str:
     return f"another kakeya daemon is already serving {path}{who}"
 
 
-def claim_socket_path(path: Path) -> None:
+def claim_socket_path(path: Path, option: str = "--socket") -> None:
     """With the lock held: refuse if something answers on `path`, remove a stale socket file."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise StartError(
             f"socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow at most "
-            f"{MAX_SOCKET_PATH}: choose a shorter --socket"
+            f"{MAX_SOCKET_PATH}: choose a shorter {option}"
         )
     try:
         st = path.lstat()
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise StartError(f"{path} exists and is not a socket; remove it or choose another --socket")
+        raise StartError(f"{path} exists and is not a socket; remove it or choose another {option}")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
@@ -157,3 +157,56 @@ def peer_credentials(sock: socket.socket) -> tuple[Optional[int], Optional[int]]
             pid = None
         return uid, pid
     return None, None
+
+
+class ClaimedSocket:
+    """A Unix socket path owned for the daemon's life: a private directory, the lock, no stale file.
+
+    The main socket and the HTTP front's socket are claimed the same way; `option`
+    names the setting in error messages.
+    """
+
+    def __init__(self, path: Path, option: str = "--socket"):
+        self.path = path
+        self.option = option
+        self.lock = SocketLock(path)
+        self.listening = False
+
+    def claim(self) -> None:
+        """Take the path, or raise StartError saying why not."""
+        ensure_private_dir(self.path.parent, self.option)
+        self.lock.acquire()
+        try:
+            claim_socket_path(self.path, self.option)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def served(self) -> None:
+        """The socket file exists now: make it private."""
+        os.chmod(self.path, 0o600)
+        self.listening = True
+
+    def release(self) -> None:
+        """Remove the socket file (if this daemon made it) and the lock."""
+        if self.listening and self.lock.held:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        self.listening = False
+        self.lock.release()
+
+
+def check_peer(sock: Optional[socket.socket]) -> tuple[Optional[str], Optional[int]]:
+    """(why a Unix-socket peer is refused, or None when it may stay; its pid where the OS says)."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None, None
+    try:
+        uid, pid = peer_credentials(sock)
+    except OSError as exc:
+        log.debug("peer credentials unavailable: %s", exc)
+        return None, None
+    if uid is None or uid == os.getuid():
+        return None, pid
+    return f"this daemon serves uid {os.getuid()} only; connection from uid {uid} refused (pid {pid})", pid

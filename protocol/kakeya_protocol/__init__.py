@@ -4,7 +4,6 @@ from .framing import HEADER, MAX_FRAME_BYTES, FrameDecoder, ProtocolError, decod
 from .messages import (
     ERROR_CODES,
     EVENT_NAMES,
-    MAX_STOP_SEQUENCES,
     MESSAGE_ROLES,
     METHOD_PARAMS,
     METHODS,
@@ -24,6 +23,7 @@ from .messages import (
     parse_request,
     parse_server_message,
 )
+from .params import MAX_STOP_SEQUENCES
 from .paths import SOCKET_ENV, default_socket_path
 
 __all__ = [

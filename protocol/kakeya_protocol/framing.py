@@ -5,6 +5,8 @@ from typing import Any
 
 import msgpack
 
+from .quote import quote
+
 HEADER = struct.Struct(">I")
 # 16 MiB: a 32k-token append is ~200 KB, so this leaves room without letting one peer pin much memory.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -44,10 +46,29 @@ def encode_frame(obj: dict, max_frame_bytes: int = MAX_FRAME_BYTES) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+class _BadKey(Exception):
+    """A map key that breaks the framing rules, found while decoding (see _checked_map)."""
+
+
+def _checked_map(pairs: list) -> dict:
+    """Every map in a frame, at any depth: str keys only, each at most once."""
+    out = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise _BadKey(f"map keys must be msgpack str, not {msgpack_type_name(key)} ({quote(key)})")
+        if key in out:
+            raise _BadKey(f"map key {quote(key)} appears twice in one map")
+        out[key] = value
+    return out
+
+
 def decode_body(body: bytes) -> dict:
-    """The map in one frame body; ProtocolError unless it is exactly one msgpack map with string keys."""
+    """The map in one frame body; ProtocolError unless it is exactly one msgpack map whose maps,
+    at every depth, have distinct str keys."""
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=_checked_map)
+    except _BadKey as exc:
+        raise ProtocolError(str(exc)) from None
     except msgpack.ExtraData as exc:
         raise ProtocolError(f"frame body has {len(exc.extra)} bytes after its msgpack value") from None
     except UnicodeDecodeError as exc:
@@ -60,12 +81,9 @@ def decode_body(body: bytes) -> dict:
             raise ProtocolError(f"map keys must be msgpack str, not {key_type}") from None
         raise ProtocolError(f"frame body is not valid msgpack: {text or type(exc).__name__}") from None
     except Exception as exc:  # msgpack raises a few other types for hostile input (e.g. too-deep nesting)
-        raise ProtocolError(f"frame body is not valid msgpack: {type(exc).__name__}: {exc}") from None
+        raise ProtocolError(f"frame body is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame body must be a msgpack map, got {msgpack_type_name(obj)}")
-    for key in obj:
-        if not isinstance(key, str):
-            raise ProtocolError(f"map keys must be msgpack str, not {msgpack_type_name(key)} ({key!r})")
     return obj
 
 
@@ -90,6 +108,10 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[dict]:
         """Add bytes; return the messages completed by them, in order."""
+        return [message for message, _ in self.feed_frames(data)]
+
+    def feed_frames(self, data: bytes) -> list[tuple[dict, int]]:
+        """Add bytes; return (message, frame size in bytes) for each frame completed by them, in order."""
         if self._error is not None:
             raise self._error
         self._buffer += data
@@ -111,7 +133,7 @@ class FrameDecoder:
                 body = bytes(self._buffer[: self._need])
                 del self._buffer[: self._need]
                 self._need = 0
-                messages.append(decode_body(body))
+                messages.append((decode_body(body), HEADER.size + len(body)))
         except ProtocolError as exc:
             self._error = exc
             self._buffer.clear()

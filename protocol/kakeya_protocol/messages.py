@@ -1,16 +1,15 @@
 """Message shapes: requests (strictly validated), replies, errors and streamed events."""
 
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from . import params as generation
 from .framing import ProtocolError, msgpack_type_name
+from .quote import quote
 
 PROTOCOL_VERSION = 1
 REQUEST_ID_MAX = 2**53
-MAX_STOP_SEQUENCES = 16
-SEED_LIMIT = 2**63
 
 ERROR_CODES = ("not_found", "invalid_argument", "busy", "resource_exhausted", "protocol_error", "internal")
 EVENT_NAMES = ("tokens", "truncated", "done")
@@ -58,17 +57,6 @@ def _integer(lo: Optional[int] = None, hi: Optional[int] = None, what: str = "")
     return check
 
 
-def _number(ok: Callable[[float], bool], rule: str) -> Callable[[Any], Optional[str]]:
-    def check(value):
-        if not (_is_int(value) or isinstance(value, float)):
-            return f"must be a number, got {msgpack_type_name(value)}"
-        if not math.isfinite(value):
-            return "must be finite"
-        return None if ok(value) else f"must be {rule}"
-
-    return check
-
-
 def _string(non_empty: bool = False) -> Callable[[Any], Optional[str]]:
     def check(value):
         if not isinstance(value, str):
@@ -92,21 +80,10 @@ def _token_ids(non_empty: bool) -> Callable[[Any], Optional[str]]:
             return "must not be empty"
         for i, t in enumerate(value):
             if not _is_int(t) or t < 0:
-                return f"[{i}]={t!r}: must be a non-negative integer token id"
+                return f"[{i}]={quote(t)}: must be a non-negative integer token id"
         return None
 
     return check
-
-
-def _stop(value) -> Optional[str]:
-    if not isinstance(value, list):
-        return f"must be an array of strings, got {msgpack_type_name(value)}"
-    if len(value) > MAX_STOP_SEQUENCES:
-        return f"has {len(value)} entries; at most {MAX_STOP_SEQUENCES} are allowed"
-    for i, s in enumerate(value):
-        if not isinstance(s, str) or not s:
-            return f"[{i}]={s!r}: must be a non-empty string"
-    return None
 
 
 def _messages(value) -> Optional[str]:
@@ -119,14 +96,19 @@ def _messages(value) -> Optional[str]:
             return f"[{i}] must be a map with role and content, got {msgpack_type_name(m)}"
         extra = [k for k in m if k not in ("role", "content")]
         if extra:
-            return f"[{i}] has unknown key {extra[0]!r}; a message has only role and content"
+            return f"[{i}] has unknown key {quote(extra[0])}; a message has only role and content"
         if "role" not in m or "content" not in m:
             return f"[{i}] needs both role and content"
         if m["role"] not in MESSAGE_ROLES:
-            return f"[{i}].role={m['role']!r}: must be one of {', '.join(MESSAGE_ROLES)}"
+            return f"[{i}].role={quote(m['role'])}: must be one of {', '.join(MESSAGE_ROLES)}"
         if not isinstance(m["content"], str):
             return f"[{i}].content must be a string, got {msgpack_type_name(m['content'])}"
     return None
+
+
+def _generation(name: str) -> Callable[[Any], Optional[str]]:
+    """A generate parameter, checked by the rule set every front and the engine share."""
+    return lambda value: generation.problem(name, value, msgpack_type_name)
 
 
 _SESSION_ID = _string(non_empty=True)
@@ -160,14 +142,7 @@ METHOD_PARAMS: dict[str, dict[str, _Field]] = {
     },
     "generate": {
         "session_id": _required(_SESSION_ID),
-        "max_tokens": _optional(_integer(1)),
-        "temperature": _optional(_number(lambda v: v >= 0, ">= 0 (0 means greedy)")),
-        "top_p": _optional(_number(lambda v: 0 < v <= 1, "in (0, 1]")),
-        "top_k": _optional(_integer(0, what=" (0 turns it off)")),
-        "min_p": _optional(_number(lambda v: 0 <= v <= 1, "in [0, 1]")),
-        "repetition_penalty": _optional(_number(lambda v: v > 0, "> 0 (1 turns it off)")),
-        "seed": _optional(_integer(0, SEED_LIMIT - 1)),
-        "stop": _optional(_stop),
+        **{name: _optional(_generation(name)) for name in ("max_tokens", *generation.SAMPLING_NAMES, "stop")},
     },
     "cancel": {"request_id": _optional(_REQUEST_ID), "session_id": _optional(_SESSION_ID)},
     "session_info": {"session_id": _required(_SESSION_ID)},
@@ -206,12 +181,14 @@ _CROSS_CHECKS: dict[str, list[Callable[[dict], Optional[str]]]] = {
 _REQUEST_KEYS = ("id", "method", "params")
 
 
-def parse_request(msg: dict) -> Request:
+def parse_request(msg: dict, hello_done: bool = True) -> Request:
     """Validate a decoded request; raise RequestError naming the first problem.
 
     Shape problems (no usable id, no method, params not a map, unknown top-level
-    keys) are protocol_error; anything wrong inside params, or an unknown
-    method, is invalid_argument.
+    keys) are protocol_error; so is any method but hello while `hello_done` is
+    false, whatever its params. Anything wrong inside params, or an unknown
+    method, is invalid_argument. Client values are quoted only up to a bounded
+    length.
     """
     if not isinstance(msg, dict):
         raise RequestError("protocol_error", f"a request must be a map, got {msgpack_type_name(msg)}")
@@ -220,24 +197,30 @@ def parse_request(msg: dict) -> Request:
     rid = msg["id"]
     problem = _REQUEST_ID(rid)
     if problem:
-        raise RequestError("protocol_error", f"request id {rid!r}: {problem} (ids are in [1, 2**53])")
+        raise RequestError("protocol_error", f"request id {quote(rid)}: {problem} (ids are in [1, 2**53])")
     for key in msg:
         if key not in _REQUEST_KEYS:
             raise RequestError(
-                "protocol_error", f"unknown key {key!r} in the request; a request has id, method and params", rid
+                "protocol_error", f"unknown key {quote(key)} in the request; a request has id, method and params", rid
             )
     method = msg.get("method")
     if not isinstance(method, str):
         why = "is missing" if "method" not in msg else f"must be a string, got {msgpack_type_name(method)}"
         raise RequestError("protocol_error", f"the request's 'method' {why}", rid)
+    if not hello_done and method != "hello":
+        raise RequestError(
+            "protocol_error", f"the first request on a connection must be 'hello', not {quote(method)}", rid
+        )
     params = msg.get("params", {})
     if not isinstance(params, dict):
-        raise RequestError("protocol_error", f"{method}: 'params' must be a map, got {msgpack_type_name(params)}", rid)
+        raise RequestError(
+            "protocol_error", f"{quote(method)}: 'params' must be a map, got {msgpack_type_name(params)}", rid
+        )
     fields = METHOD_PARAMS.get(method)
     if fields is None:
         raise RequestError(
             "invalid_argument",
-            f"unknown method {method!r}{_did_you_mean(method, METHODS)} (methods: {', '.join(METHODS)})",
+            f"unknown method {quote(method)}{_did_you_mean(method, METHODS)} (methods: {', '.join(METHODS)})",
             rid,
         )
 
@@ -246,10 +229,8 @@ def parse_request(msg: dict) -> Request:
 
     for key in params:
         if key not in fields:
-            if not isinstance(key, str):
-                raise invalid(f"parameter names must be strings, got {msgpack_type_name(key)} {key!r}")
             expected = ", ".join(fields) if fields else "none"
-            raise invalid(f"unknown parameter {key!r}{_did_you_mean(key, fields)} (expected: {expected})")
+            raise invalid(f"unknown parameter {quote(key)}{_did_you_mean(key, fields)} (expected: {expected})")
     for name, field in fields.items():
         if name not in params:
             if field.required:
@@ -266,15 +247,17 @@ def parse_request(msg: dict) -> Request:
 
 
 def _name_problem(name: str, value: Any, problem: str) -> str:
-    """'max_tokens=0: must be >= 1', 'tokens[3]=-1: ...', or 'stop: ...' when the value is too big to show."""
+    """'max_tokens=0: must be >= 1', 'tokens[3]=-1: ...', or 'stop: ...' for a container."""
     if problem.startswith("["):
         return name + problem
-    if isinstance(value, (list, dict)) or (isinstance(value, (str, bytes)) and len(value) > 40):
+    if isinstance(value, (list, dict)):
         return f"{name}: {problem}"
-    return f"{name}={value!r}: {problem}"
+    return f"{name}={quote(value)}: {problem}"
 
 
 def _did_you_mean(word: str, choices) -> str:
+    if len(word) > 2 * max(map(len, choices), default=0):
+        return ""  # difflib's cost grows with the word: a long one is no misspelling anyway
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -372,13 +355,13 @@ def parse_server_message(msg: dict) -> ServerMessage:
     kind = kinds[0]
     if kind == "error":
         if rid is not None and _REQUEST_ID(rid):
-            raise ProtocolError(f"error reply id {rid!r} is neither a request id nor nil")
+            raise ProtocolError(f"error reply id {quote(rid)} is neither a request id nor nil")
         problem = _error_problem(msg["error"])
         if problem:
             raise ProtocolError(f"error {problem}")
         return ErrorReply(rid, msg["error"]["code"], msg["error"]["message"])
     if _REQUEST_ID(rid):
-        raise ProtocolError(f"{kind} id {rid!r} is not a request id")
+        raise ProtocolError(f"{kind} id {quote(rid)} is not a request id")
     if kind == "result":
         if not isinstance(msg["result"], dict):
             raise ProtocolError(f"result must be a map, got {msgpack_type_name(msg['result'])}")

@@ -1,37 +1,27 @@
-"""The asyncio client: one connection, a reader task routing frames by request id, so
-any number of requests (generations included) run concurrently on it."""
+"""The asyncio client: one connection, a reader task feeding the shared sans-I/O core, so any
+number of requests (generations included) run concurrently on it."""
 
 import asyncio
-import itertools
+import functools
 from pathlib import Path
 from typing import Optional, Union
 
-from kakeya_protocol import (
-    MAX_FRAME_BYTES,
-    ErrorReply,
-    EventMessage,
-    FrameDecoder,
-    encode_frame,
-    parse_server_message,
-)
-from kakeya_protocol import ProtocolError as FramingError
-
-from .errors import (
-    InvalidArgument,
-    KakeyaError,
-    NotFound,
-    ProtocolError,
-    Timeout,
-    connect_failed,
-    connection_lost,
-    error_from,
-    no_answer,
-    not_taken,
-)
-from .events import DoneEvent, Event, TokensEvent, event_from
-from .wire import append_params, generate_params, hello_params, resolve_socket_path, result_of, token_list
+from .core import ClientCore, GenerateState, SessionHandle, ends_request, result_of
+from .errors import KakeyaError, NotFound, Timeout, connect_failed, connection_lost, no_answer, not_taken
+from .events import DoneEvent, Event, TokensEvent
+from .wire import append_params, generate_params, hello_params, resolve_socket_path, token_list
 
 _DEFAULT = object()  # "use the client's timeout"
+
+
+class _Inbox:
+    """The route of a request someone awaits: an asyncio queue."""
+
+    def __init__(self):
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.queue.put_nowait(item)
 
 
 class _Drain:
@@ -40,9 +30,12 @@ class _Drain:
     def __init__(self, ended: asyncio.Future):
         self.ended = ended
 
-
-def _ends_request(message) -> bool:
-    return not isinstance(message, EventMessage) or message.event == "done"
+    def put(self, item) -> bool:
+        if isinstance(item, KakeyaError) or ends_request(item):
+            if not self.ended.done():
+                self.ended.set_result(None)
+            return True
+        return False
 
 
 class AsyncClient:
@@ -57,12 +50,8 @@ class AsyncClient:
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
         self.server_info: dict = {}
-        self._ids = itertools.count(1)
-        self._routes: dict[int, Union[asyncio.Queue, _Drain]] = {}
+        self._core = ClientCore(self.socket_path)
         self._settling: dict[str, asyncio.Future] = {}  # session id -> end of its abandoned generate
-        self._failure: Optional[KakeyaError] = None
-        self._max_frame_bytes = MAX_FRAME_BYTES
-        self._decoder = FrameDecoder()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stream_reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -94,8 +83,7 @@ class AsyncClient:
         except BaseException:
             await self.close()
             raise
-        self._max_frame_bytes = self.server_info.get("limits", {}).get("max_frame_bytes", MAX_FRAME_BYTES)
-        self._decoder.max_frame_bytes = self._max_frame_bytes  # the announced limit holds both ways
+        self._core.said_hello(self.server_info)
 
     async def __aenter__(self) -> "AsyncClient":
         if self._writer is None:
@@ -107,8 +95,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close the connection. Generations still running on it are cancelled by the daemon."""
-        if self._failure is None:
-            self._failure = connection_lost(self.socket_path, "the client was closed")
+        self._core.fail(connection_lost(self.socket_path, "the client was closed"))
         if self._writer is not None:
             self._writer.close()
             try:
@@ -124,67 +111,25 @@ class AsyncClient:
 
     @property
     def closed(self) -> bool:
-        return self._failure is not None
+        return self._core.failure is not None
 
     # ---- routing ---------------------------------------------------------
 
     async def _read_forever(self) -> None:
-        why = "the daemon closed the connection"
+        why = None
         try:
-            while True:
+            while self._core.failure is None:
                 data = await self._stream_reader.read(1 << 16)
                 if not data:
-                    if self._decoder.buffered:
-                        why = "the daemon closed the connection in the middle of a frame"
                     break
-                for message in self._decoder.feed(data):
-                    self._route(parse_server_message(message))
-        except FramingError as exc:
-            why = f"the daemon sent a bad frame: {exc}"
+                self._core.received(data)
         except OSError as exc:
             why = str(exc.strerror or exc)
         finally:
-            self._fail(connection_lost(self.socket_path, why))
-
-    def _route(self, message) -> None:
-        if message.id is None:
-            # An error about the connection itself (e.g. refused peer); the daemon closes it next.
-            self._fail(error_from(message.code, message.message))
-            return
-        route = self._routes.get(message.id)
-        if isinstance(route, _Drain):
-            if _ends_request(message):
-                del self._routes[message.id]
-                route.ended.set_result(None)
-        elif route is not None:  # else: a reply nobody waits for any more
-            route.put_nowait(message)
-
-    def _fail(self, error: KakeyaError) -> None:
-        if self._failure is None:
-            self._failure = error
-        for rid, route in list(self._routes.items()):
-            if isinstance(route, _Drain):
-                del self._routes[rid]
-                if not route.ended.done():
-                    route.ended.set_result(None)
-            else:
-                route.put_nowait(self._failure)
-
-    def _open_route(self) -> tuple[int, asyncio.Queue]:
-        if self._failure is not None:
-            raise self._failure.with_traceback(None)
-        rid = next(self._ids)
-        route = self._routes[rid] = asyncio.Queue()
-        return rid, route
+            self._core.ended(why)
 
     def _write(self, rid: int, method: str, params: dict) -> None:
-        try:
-            frame = encode_frame({"id": rid, "method": method, "params": params}, self._max_frame_bytes)
-        except FramingError as exc:
-            raise InvalidArgument(f"{method}: the request does not fit in one frame: {exc}") from None
-        if self._failure is not None:
-            raise self._failure.with_traceback(None)
-        self._writer.write(frame)
+        self._writer.write(self._core.frame(rid, method, params))
 
     async def _send(self, rid: int, method: str, params: dict, timeout) -> None:
         self._write(rid, method, params)
@@ -195,35 +140,31 @@ class AsyncClient:
         except asyncio.TimeoutError:
             raise not_taken(method, self.socket_path, timeout) from None
         except (ConnectionError, OSError) as exc:
-            if self._failure is not None:
-                raise self._failure.with_traceback(None) from None
+            self._core.check()
             raise connection_lost(self.socket_path, str(exc)) from None
 
-    async def _wait(self, route: asyncio.Queue, method: str, timeout):
+    async def _wait(self, inbox: _Inbox, method: str, timeout):
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
-            item = await asyncio.wait_for(route.get(), timeout)
+            return await asyncio.wait_for(inbox.queue.get(), timeout)
         except asyncio.TimeoutError:
             raise no_answer(method, self.socket_path, timeout) from None
-        if isinstance(item, KakeyaError):
-            raise item.with_traceback(None)
-        return item
 
     def _abandon(self, rid: int, session_id: str) -> None:
         """Cancel a generate nobody reads any more; later generates on its session wait for its end."""
-        route = self._routes.pop(rid, None)
-        if not isinstance(route, asyncio.Queue) or self._failure is not None:
+        inbox = self._core.close(rid)
+        if not isinstance(inbox, _Inbox) or self._core.failure is not None:
             return
-        while not route.empty():
-            item = route.get_nowait()
-            if isinstance(item, KakeyaError) or _ends_request(item):
+        while not inbox.queue.empty():
+            item = inbox.queue.get_nowait()
+            if isinstance(item, KakeyaError) or ends_request(item):
                 return
         ended = self._loop.create_future()
-        self._routes[rid] = _Drain(ended)
+        self._core.reroute(rid, _Drain(ended))
         self._settling[session_id] = ended
         ended.add_done_callback(lambda f: self._settled(session_id, f))
         try:
-            self._write(next(self._ids), "cancel", {"request_id": rid})
+            self._write(self._core.next_id(), "cancel", {"request_id": rid})
         except KakeyaError:
             pass
 
@@ -249,12 +190,13 @@ class AsyncClient:
 
     async def call(self, method: str, params: Optional[dict] = None, *, timeout=_DEFAULT) -> dict:
         """Send any request and return its result; daemon errors raise typed exceptions."""
-        rid, route = self._open_route()
+        inbox = _Inbox()
+        rid = self._core.open(inbox)
         try:
             await self._send(rid, method, params or {}, timeout)
-            return result_of(method, await self._wait(route, method, timeout))
+            return result_of(method, await self._wait(inbox, method, timeout))
         finally:
-            self._routes.pop(rid, None)
+            self._core.close(rid)
 
     async def create_session(self) -> "AsyncSession":
         """A new, empty session on the daemon."""
@@ -281,15 +223,10 @@ class AsyncClient:
         await self.call("shutdown")
 
 
-class AsyncSession:
+class AsyncSession(SessionHandle):
     """One session on the daemon: an append-only token history with its resident cache."""
 
-    def __init__(self, client: AsyncClient, session_id: str):
-        self.client = client
-        self.id = session_id
-
-    def __repr__(self) -> str:
-        return f"AsyncSession({self.id!r})"
+    client: AsyncClient
 
     async def __aenter__(self) -> "AsyncSession":
         return self
@@ -303,7 +240,7 @@ class AsyncSession:
 
     async def append(self, tokens=None, text=None, messages=None, add_generation_prompt: bool = True) -> dict:
         """Add exactly one of token ids, text, or chat messages (rendered with the model's chat template).
-        Returns {"appended": n, "history_length": n}."""
+        Returns {"appended": n, "history_length": n, "tokens": [the token ids appended]}."""
         return await self.client.call("append", append_params(self.id, tokens, text, messages, add_generation_prompt))
 
     def generate(self, timeout=_DEFAULT, **params) -> "AsyncGenerateStream":
@@ -353,14 +290,17 @@ class AsyncGenerateStream:
         self.client = session.client
         self.session_id = session.id
         self.timeout = timeout
-        self.done: Optional[DoneEvent] = None
         self.request_id: Optional[int] = None
         self._params = params
-        self._route: Optional[asyncio.Queue] = None
-        self._finished = False
+        self._inbox: Optional[_Inbox] = None
+        self._state = GenerateState(lambda: None)  # replaced once the request has an id
+
+    @property
+    def done(self) -> Optional[DoneEvent]:
+        return self._state.done
 
     async def _start(self) -> None:
-        if self.request_id is not None or self._finished:
+        if self.request_id is not None or self._state.finished:
             return
         settling = self.client._settling.get(self.session_id)
         if settling is not None:
@@ -369,11 +309,13 @@ class AsyncGenerateStream:
                 await asyncio.wait_for(asyncio.shield(settling), wait)
             except asyncio.TimeoutError:
                 pass  # let the daemon decide (it answers busy if the session is still generating)
-        self.request_id, self._route = self.client._open_route()
+        self._inbox = _Inbox()
+        self.request_id = self.client._core.open(self._inbox)
+        self._state = GenerateState(functools.partial(self.client._core.close, self.request_id))
         try:
             await self.client._send(self.request_id, "generate", self._params, self.timeout)
         except BaseException:
-            self._finish()
+            self._state.finish()
             raise
 
     def __aiter__(self) -> "AsyncGenerateStream":
@@ -381,54 +323,34 @@ class AsyncGenerateStream:
 
     async def __anext__(self) -> Event:
         await self._start()
-        while not self._finished:
-            try:
-                message = await self.client._wait(self._route, "generate", self.timeout)
-            except Timeout:
-                raise  # still running: aclose() cancels it
-            except KakeyaError:
-                self._finish()
-                raise
-            if isinstance(message, ErrorReply):
-                self._finish()
-                raise error_from(message.code, message.message)
-            if not isinstance(message, EventMessage):
-                self._finish()
-                raise ProtocolError("the daemon answered generate with a plain result instead of events")
-            event = event_from(message)
-            if isinstance(event, DoneEvent):
-                self.done = event
-                self._finish()
+        while not self._state.finished:
+            # A Timeout leaves the stream running: aclose() cancels it.
+            event = self._state.take(await self.client._wait(self._inbox, "generate", self.timeout))
             if event is not None:
                 return event
         raise StopAsyncIteration
 
     async def cancel(self) -> bool:
         """Ask the daemon to stop; keep iterating to receive the remaining events and the done event."""
-        if self.request_id is None or self._finished:
+        if self.request_id is None or self._state.finished:
             return False
         return (await self.client.call("cancel", {"request_id": self.request_id}))["cancelled"]
 
     async def aclose(self) -> None:
         """Cancel the generation if it is still running and wait for its done event."""
-        if self.request_id is None or self._finished:
-            self._finished = True
+        if self.request_id is None or self._state.finished:
+            self._state.finished = True
             return
         try:
-            self.client._write(next(self.client._ids), "cancel", {"request_id": self.request_id})
+            self.client._write(self.client._core.next_id(), "cancel", {"request_id": self.request_id})
             async for _ in self:
                 pass
         except KakeyaError:
             pass  # the connection is gone or the daemon stopped answering: nothing left to wait for
         finally:
-            if not self._finished:  # interrupted (e.g. the task was cancelled): let the reader drain it
-                self._finished = True
+            if not self._state.finished:  # interrupted (e.g. the task was cancelled): let the reader drain it
+                self._state.finished = True
                 self.client._abandon(self.request_id, self.session_id)
-
-    def _finish(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self.client._routes.pop(self.request_id, None)
 
     async def __aenter__(self) -> "AsyncGenerateStream":
         await self._start()
@@ -438,8 +360,9 @@ class AsyncGenerateStream:
         await self.aclose()
 
     def __del__(self) -> None:
-        if getattr(self, "request_id", None) is not None and not self._finished:
-            self._finished = True
+        state = getattr(self, "_state", None)
+        if getattr(self, "request_id", None) is not None and state is not None and not state.finished:
+            state.finished = True
             self.client._abandon_soon(self.request_id, self.session_id)
 
 

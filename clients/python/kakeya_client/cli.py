@@ -504,7 +504,7 @@ class _Chat:
             info = self.session.info()
             print(
                 f"session {info['session_id']}: {info['history_length']} tokens of history, "
-                f"{info['cached_tokens']} in the cache (sink {info['sink']} + window {info['window']}), "
+                f"{info['cache_length']} in the cache (sink {info['sink']} + window {info['window']}), "
                 f"{info['evicted_tokens']} evicted, KV {_size(info['kv_bytes'])}",
                 file=sys.stderr,
             )
@@ -571,12 +571,12 @@ def cmd_sessions(args) -> int:
         print("no sessions")
         return 0
     now = time.time()
-    header = ("SESSION", "HISTORY", "CACHED", "EVICTED", "KV", "STATE", "IDLE")
+    header = ("SESSION", "HISTORY", "CACHE", "EVICTED", "KV", "STATE", "IDLE")
     rows = [
         (
             s["session_id"],
             str(s["history_length"]),
-            str(s["cached_tokens"]),
+            str(s["cache_length"]),
             str(s["evicted_tokens"]),
             _size(s["kv_bytes"]),
             "generating" if s["generating"] else "idle",

@@ -1,36 +1,16 @@
-"""The blocking client: one Unix-socket connection, a reader thread routing frames by request id."""
+"""The blocking client: one Unix-socket connection, a reader thread feeding the shared sans-I/O core."""
 
-import itertools
+import functools
 import queue
 import socket
 import threading
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from kakeya_protocol import (
-    MAX_FRAME_BYTES,
-    ErrorReply,
-    EventMessage,
-    FrameDecoder,
-    encode_frame,
-    parse_server_message,
-)
-from kakeya_protocol import ProtocolError as FramingError
-
-from .errors import (
-    InvalidArgument,
-    KakeyaError,
-    NotFound,
-    ProtocolError,
-    Timeout,
-    connect_failed,
-    connection_lost,
-    error_from,
-    no_answer,
-    not_taken,
-)
-from .events import DoneEvent, Event, TokensEvent, event_from
-from .wire import append_params, generate_params, hello_params, resolve_socket_path, result_of, token_list
+from .core import ClientCore, GenerateState, SessionHandle, result_of
+from .errors import KakeyaError, NotFound, connect_failed, connection_lost, no_answer, not_taken
+from .events import DoneEvent, Event, TokensEvent
+from .wire import append_params, generate_params, hello_params, resolve_socket_path, token_list
 
 _DEFAULT = object()  # "use the client's timeout"
 
@@ -47,13 +27,9 @@ class Client:
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
         self.server_info: dict = {}
-        self._ids = itertools.count(1)
-        self._routes: dict[int, queue.SimpleQueue] = {}
-        self._lock = threading.Lock()  # guards _routes and _failure
+        self._core = ClientCore(self.socket_path)
+        self._lock = threading.Lock()  # the reader thread routes while callers open requests
         self._send_lock = threading.Lock()
-        self._failure: Optional[KakeyaError] = None
-        self._max_frame_bytes = MAX_FRAME_BYTES
-        self._decoder = FrameDecoder()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout)
@@ -68,8 +44,8 @@ class Client:
         except BaseException:
             self.close()
             raise
-        self._max_frame_bytes = self.server_info.get("limits", {}).get("max_frame_bytes", MAX_FRAME_BYTES)
-        self._decoder.max_frame_bytes = self._max_frame_bytes  # the announced limit holds both ways
+        with self._lock:
+            self._core.said_hello(self.server_info)
 
     # ---- the connection --------------------------------------------------
 
@@ -82,8 +58,7 @@ class Client:
     def close(self) -> None:
         """Close the connection. Generations still running on it are cancelled by the daemon."""
         with self._lock:
-            if self._failure is None:
-                self._failure = connection_lost(self.socket_path, "the client was closed")
+            self._core.fail(connection_lost(self.socket_path, "the client was closed"))
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -94,92 +69,63 @@ class Client:
 
     @property
     def closed(self) -> bool:
-        return self._failure is not None
+        return self._core.failure is not None
 
     def _read_forever(self) -> None:
-        why = "the daemon closed the connection"
+        why = None
         try:
-            while True:
+            while self._core.failure is None:
                 try:
                     data = self._sock.recv(1 << 16)
                 except socket.timeout:
                     continue  # idle; the timeout is for callers, not for the reader
                 if not data:
-                    if self._decoder.buffered:
-                        why = "the daemon closed the connection in the middle of a frame"
                     break
-                for message in self._decoder.feed(data):
-                    self._route(parse_server_message(message))
-        except FramingError as exc:
-            why = f"the daemon sent a bad frame: {exc}"
+                with self._lock:
+                    self._core.received(data)
         except OSError as exc:
             why = str(exc.strerror or exc)
-        self._fail(connection_lost(self.socket_path, why))
-
-    def _route(self, message) -> None:
-        if message.id is None:
-            # An error about the connection itself (e.g. refused peer); the daemon closes it next.
-            self._fail(error_from(message.code, message.message))
-            return
         with self._lock:
-            route = self._routes.get(message.id)
-        if route is not None:  # else: a reply nobody waits for any more (timed out, abandoned)
-            route.put(message)
+            self._core.ended(why)
 
-    def _fail(self, error: KakeyaError) -> None:
+    def _open(self) -> tuple[int, queue.SimpleQueue]:
+        route = queue.SimpleQueue()
         with self._lock:
-            if self._failure is None:
-                self._failure = error
-            routes = list(self._routes.values())
-        for route in routes:
-            route.put(self._failure)
-
-    def _open_route(self) -> tuple[int, queue.SimpleQueue]:
-        with self._lock:
-            if self._failure is not None:
-                raise self._failure.with_traceback(None)
-            rid = next(self._ids)
-            route = self._routes[rid] = queue.SimpleQueue()
-        return rid, route
+            return self._core.open(route), route
 
     def _close_route(self, rid: int) -> None:
         with self._lock:
-            self._routes.pop(rid, None)
+            self._core.close(rid)
 
     def _send(self, rid: int, method: str, params: dict) -> None:
-        try:
-            frame = encode_frame({"id": rid, "method": method, "params": params}, self._max_frame_bytes)
-        except FramingError as exc:
-            raise InvalidArgument(f"{method}: the request does not fit in one frame: {exc}") from None
+        with self._lock:
+            frame = self._core.frame(rid, method, params)
         with self._send_lock:
             try:
                 self._sock.sendall(frame)
             except socket.timeout:
                 # Part of a frame may be out: the stream can no longer be trusted.
                 error = not_taken(method, self.socket_path, self.timeout)
-                self._fail(error)
+                with self._lock:
+                    self._core.fail(error)
                 self.close()
                 raise error from None
             except OSError as exc:
-                if self._failure is not None:
-                    raise self._failure.with_traceback(None) from None
+                self._core.check()
                 raise connection_lost(self.socket_path, str(exc.strerror or exc)) from None
 
     def _wait(self, route: queue.SimpleQueue, method: str, timeout):
         timeout = self.timeout if timeout is _DEFAULT else timeout
         try:
-            item = route.get(timeout=timeout)
+            return route.get(timeout=timeout)
         except queue.Empty:
             raise no_answer(method, self.socket_path, timeout) from None
-        if isinstance(item, KakeyaError):
-            raise item.with_traceback(None)
-        return item
 
     # ---- requests --------------------------------------------------------
 
     def call(self, method: str, params: Optional[dict] = None, *, timeout=_DEFAULT) -> dict:
         """Send any request and return its result; daemon errors raise typed exceptions."""
-        rid, route = self._open_route()
+        rid, route = self._open()
         try:
             self._send(rid, method, params or {})
             return result_of(method, self._wait(route, method, timeout))
@@ -189,7 +135,7 @@ class Client:
     def _send_and_forget(self, method: str, params: dict) -> None:
         """Send a request whose reply is dropped on arrival."""
         with self._lock:
-            rid = next(self._ids)
+            rid = self._core.next_id()
         self._send(rid, method, params)
 
     def create_session(self) -> "Session":
@@ -217,15 +163,10 @@ class Client:
         self.call("shutdown")
 
 
-class Session:
+class Session(SessionHandle):
     """One session on the daemon: an append-only token history with its resident cache."""
 
-    def __init__(self, client: Client, session_id: str):
-        self.client = client
-        self.id = session_id
-
-    def __repr__(self) -> str:
-        return f"Session({self.id!r})"
+    client: Client
 
     def __enter__(self) -> "Session":
         return self
@@ -239,7 +180,7 @@ class Session:
 
     def append(self, tokens=None, text=None, messages=None, add_generation_prompt: bool = True) -> dict:
         """Add exactly one of token ids, text, or chat messages (rendered with the model's chat template).
-        Returns {"appended": n, "history_length": n}."""
+        Returns {"appended": n, "history_length": n, "tokens": [the token ids appended]}."""
         return self.client.call("append", append_params(self.id, tokens, text, messages, add_generation_prompt))
 
     def generate(self, timeout=_DEFAULT, **params) -> "GenerateStream":
@@ -293,54 +234,42 @@ class GenerateStream:
     def __init__(self, client: Client, params: dict, timeout):
         self.client = client
         self.timeout = timeout
-        self.done: Optional[DoneEvent] = None
-        self.request_id, self._route = client._open_route()
-        self._finished = False
+        self.request_id, self._route = client._open()
+        self._state = GenerateState(functools.partial(client._close_route, self.request_id))
         try:
             client._send(self.request_id, "generate", params)
         except BaseException:
-            self._finish()
+            self._state.finish()
             raise
+
+    @property
+    def done(self) -> Optional[DoneEvent]:
+        return self._state.done
 
     def __iter__(self) -> "GenerateStream":
         return self
 
     def __next__(self) -> Event:
-        while not self._finished:
-            try:
-                message = self.client._wait(self._route, "generate", self.timeout)
-            except Timeout:
-                raise  # still running: close() cancels it
-            except KakeyaError:
-                self._finish()
-                raise
-            if isinstance(message, ErrorReply):
-                self._finish()
-                raise error_from(message.code, message.message)
-            if not isinstance(message, EventMessage):
-                self._finish()
-                raise ProtocolError("the daemon answered generate with a plain result instead of events")
-            event = event_from(message)
-            if isinstance(event, DoneEvent):
-                self.done = event
-                self._finish()
+        while not self._state.finished:
+            # A Timeout leaves the stream running: close() cancels it.
+            event = self._state.take(self.client._wait(self._route, "generate", self.timeout))
             if event is not None:
                 return event
         raise StopIteration
 
     def cancel(self) -> bool:
         """Ask the daemon to stop; keep iterating to receive the remaining events and the done event."""
-        if self._finished:
+        if self._state.finished:
             return False
         return self.client.call("cancel", {"request_id": self.request_id})["cancelled"]
 
     def close(self) -> None:
         """Cancel the generation if it is still running and wait for its done event."""
-        if self._finished:
+        if self._state.finished:
             return
         if threading.current_thread() is self.client._reader:
             # Collected on the reader thread, which cannot wait for its own frames.
-            self._finish()
+            self._state.finish()
             try:
                 self.client._send_and_forget("cancel", {"request_id": self.request_id})
             except KakeyaError:
@@ -353,12 +282,7 @@ class GenerateStream:
         except KakeyaError:
             pass  # the connection is gone or the daemon stopped answering: nothing left to wait for
         finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self.client._close_route(self.request_id)
+            self._state.finish()
 
     def __enter__(self) -> "GenerateStream":
         return self
@@ -367,5 +291,6 @@ class GenerateStream:
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_finished", True):
+        state = getattr(self, "_state", None)
+        if state is not None and not state.finished:
             self.close()

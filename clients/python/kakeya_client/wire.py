@@ -1,13 +1,13 @@
-"""What the sync and async clients share: socket path, request params, reading replies."""
+"""What the sync and async clients send: the socket path, hello, and each request's params."""
 
 import operator
 from importlib import metadata
 from pathlib import Path
 from typing import Optional, Union
 
-from kakeya_protocol import PROTOCOL_VERSION, ErrorReply, EventMessage, Reply, default_socket_path
+from kakeya_protocol import PROTOCOL_VERSION, default_socket_path
 
-from .errors import InvalidArgument, ProtocolError, error_from
+from .errors import InvalidArgument
 
 try:
     CLIENT_VERSION = metadata.version("kakeya-mlx")
@@ -63,12 +63,3 @@ def generate_params(session_id: str, params: dict) -> dict:
             value = list(value)
         out[key] = value
     return out
-
-
-def result_of(method: str, message: Union[Reply, ErrorReply, EventMessage]) -> dict:
-    """The result of a plain (non-streaming) request, or its error raised as a typed exception."""
-    if isinstance(message, ErrorReply):
-        raise error_from(message.code, message.message)
-    if isinstance(message, EventMessage):
-        raise ProtocolError(f"the daemon sent a {message.event!r} event in reply to {method}")
-    return message.result

@@ -173,6 +173,11 @@ class Engine:
             "block": self.shape.block,
             "kv_bytes_per_token": m.kv_bytes_per_token,
             "has_chat_template": bool(m.chat_template),
+            "speculative": self.spec.mode,
+            "num_draft_tokens": self.spec.num_draft_tokens,
+            "draft_model": self.spec.draft.loaded.name if self.spec.draft is not None else None,
+            "decode_batch_size": self.config.decode_batch_size,
+            "prefill_step_tokens": self.config.prefill_step_tokens,
         }
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -211,9 +216,13 @@ class Engine:
     def has_session(self, session_id: str) -> bool:
         return session_id in self._sessions
 
+    def check_speculative(self, speculative: Optional[str], num_draft_tokens: Optional[int]) -> None:
+        """Raise InvalidArgumentError naming the field unless this engine can serve that choice."""
+        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
+
     async def create_session(self, speculative: Optional[str] = None, num_draft_tokens: Optional[int] = None) -> str:
         """A new empty session. `speculative` and `num_draft_tokens` become its defaults for generate."""
-        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
+        self.check_speculative(speculative, num_draft_tokens)
         session_id = uuid.uuid4().hex[:16]
         session = Session(session_id, self.shape, self.ropes)
         session.speculative, session.num_draft_tokens = speculative, num_draft_tokens

@@ -61,7 +61,7 @@ class Session:
         return {
             "session_id": self.id,
             "history_length": len(self.history),
-            "cached_tokens": cache.length,
+            "cache_length": cache.length,
             "pending_tokens": self.pending,
             "evicted_tokens": cache.evicted,
             "kv_bytes": self.kv_bytes,

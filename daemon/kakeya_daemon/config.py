@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from kakeya_protocol import MAX_FRAME_BYTES, default_socket_path
+from kakeya_protocol.params import MAX_DRAFT_TOKENS, SPECULATIVE_MODES
 
 # The loader's name for the bundled model (kakeya_mlx.loader.DEFAULT_MODEL), spelled
 # out here so that reading settings does not import MLX.
@@ -50,6 +51,23 @@ class DaemonConfig:
     sink: int = _opt(4, "attention-sink tokens kept at the start of every session's cache")
     window: int = _opt(0, "most recent tokens kept in every session's cache; 0 fills the model's range up to 2048")
     block: int = _opt(64, "tokens per cache block: the cache commits and slides in whole blocks")
+    decode_batch_size: int = _opt(
+        16,
+        "most generations decoded together in one forward pass; 1 computes each session on its own "
+        "(bit-exact per session on backends whose kernels change with the batch size)",
+    )
+    prefill_step_tokens: int = _opt(
+        256, "most prompt tokens one generation processes between two decode steps of the others"
+    )
+    speculative: str = _opt(
+        "auto",
+        "speculative decoding when a request does not say: off, auto (drafts only where it measurably pays), "
+        "prompt_lookup, or draft (needs draft_model)",
+    )
+    num_draft_tokens: int = _opt(4, f"most tokens drafted per step when speculating (1-{MAX_DRAFT_TOKENS})")
+    draft_model: str = _opt(
+        "", "a small model sharing the model's tokenizer, drafting for speculative decoding; empty = none"
+    )
     max_sessions: int = _opt(
         64,
         "sessions held at once, both fronts together; beyond it the least recently used idle pooled HTTP "
@@ -123,6 +141,11 @@ class DaemonConfig:
         check("sink", self.sink >= 0, "must be >= 0")
         check("window", self.window >= 0, "must be >= 0 (0 = automatic)")
         check("block", self.block >= 1, "must be >= 1")
+        check("decode_batch_size", self.decode_batch_size >= 1, "must be >= 1")
+        check("prefill_step_tokens", self.prefill_step_tokens >= 1, "must be >= 1")
+        check("speculative", self.speculative in SPECULATIVE_MODES, "must be one of " + ", ".join(SPECULATIVE_MODES))
+        check("num_draft_tokens", 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS, f"must be in [1, {MAX_DRAFT_TOKENS}]")
+        check("speculative", self.speculative != "draft" or bool(self.draft_model), "draft needs draft_model to be set")
         check("max_sessions", self.max_sessions >= 1, "must be >= 1")
         check("max_concurrent_generations", self.max_concurrent_generations >= 1, "must be >= 1")
         check("queue_policy", self.queue_policy in QUEUE_POLICIES, "must be 'queue' or 'reject'")

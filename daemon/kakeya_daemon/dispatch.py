@@ -33,6 +33,8 @@ def done_data(done: DoneEvent) -> dict:
         "prompt_tokens": done.prompt_tokens,
         "generated_tokens": done.generated_tokens,
         "cached_tokens": done.cached_tokens,
+        "draft_tokens": done.draft_tokens,
+        "accepted_tokens": done.accepted_tokens,
         "timings": {
             "ttft_s": done.ttft_s,
             "prefill_tokens_per_s": done.prefill_tokens_per_s,
@@ -231,7 +233,9 @@ class Dispatcher:
     # ---- the other methods ------------------------------------------------
 
     async def _create_session(self, conn: Connection, rid: int, params: dict) -> dict:
-        session_id = await self.core.create_session()
+        session_id = await self.core.create_session(
+            speculative=params.get("speculative"), num_draft_tokens=params.get("num_draft_tokens")
+        )
         log.info("conn %d: session %s created", conn.number, session_id)
         return {"session_id": session_id}
 

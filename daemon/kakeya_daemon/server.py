@@ -84,6 +84,7 @@ class Daemon:
                 # can abort the process at exit (seen with MLX 0.32). Nothing is served yet.
                 loaded = load_model(self.config.model, dtype=self.config.dtype or None, progress=_progress)
             c = self.config
+            draft = self._load_draft()
             self.engine = Engine(
                 loaded,
                 EngineConfig(
@@ -92,7 +93,12 @@ class Daemon:
                     block=c.block,
                     max_append_tokens=c.max_append_tokens,
                     max_new_tokens=c.max_new_tokens,
+                    decode_batch_size=c.decode_batch_size,
+                    prefill_step_tokens=c.prefill_step_tokens,
+                    speculative=c.speculative,
+                    num_draft_tokens=c.num_draft_tokens,
                 ),
+                draft=draft,
             )
             await self.engine.start()
             self.core = DaemonCore(self.engine, core_limits(c))
@@ -118,6 +124,17 @@ class Daemon:
             self.config.max_concurrent_generations,
             f"{self.core.limits.memory_budget_bytes} bytes" if self.core.limits.memory_budget_bytes else "none",
         )
+
+    def _load_draft(self):
+        """The draft model for speculative decoding, or None; a bad one stops the start with the reason."""
+        if not self.config.draft_model:
+            return None
+        from kakeya_mlx.loader import load_model
+
+        try:
+            return load_model(self.config.draft_model, dtype=self.config.dtype or None, progress=_progress)
+        except EngineError as exc:
+            raise StartError(f"draft model {self.config.draft_model}: {exc.message}") from None
 
     def request_stop(self) -> None:
         """Begin a graceful stop (signal handlers and the shutdown request call this)."""

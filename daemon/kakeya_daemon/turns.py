@@ -33,6 +33,8 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...]
+    speculative: Optional[str] = None  # None: the session's default, else the daemon's
+    num_draft_tokens: Optional[int] = None
 
     @classmethod
     def from_params(cls, params: Mapping, max_new_tokens: int) -> "GenerationRequest":
@@ -43,6 +45,8 @@ class GenerationRequest:
             max_tokens if max_tokens is not None else rules.default_max_tokens(max_new_tokens),
             SamplingParams(**sampling),
             tuple(params.get("stop") or ()),
+            params.get("speculative"),
+            params.get("num_draft_tokens"),
         )
 
 
@@ -90,7 +94,12 @@ class Turn:
                 return self._end_unstarted()
             r = self.request
             self.stream = core.engine.generate(
-                self.session_id, max_tokens=r.max_tokens, sampling=r.sampling, stop=list(r.stop)
+                self.session_id,
+                max_tokens=r.max_tokens,
+                sampling=r.sampling,
+                stop=list(r.stop),
+                speculative=r.speculative,
+                num_draft_tokens=r.num_draft_tokens,
             )
         except Refusal as refusal:
             core.counters.rejections[refusal.limit] += 1

@@ -132,7 +132,10 @@ def _optional(check) -> _Field:
 # Each method's parameters; `_CROSS_CHECKS` adds the rules that involve several of them.
 METHOD_PARAMS: dict[str, dict[str, _Field]] = {
     "hello": {"protocol": _required(_integer(1)), "client": _optional(_string())},
-    "create_session": {},
+    "create_session": {
+        "speculative": _optional(_generation("speculative")),
+        "num_draft_tokens": _optional(_generation("num_draft_tokens")),
+    },
     "append": {
         "session_id": _required(_SESSION_ID),
         "tokens": _optional(_token_ids(non_empty=True)),
@@ -142,7 +145,10 @@ METHOD_PARAMS: dict[str, dict[str, _Field]] = {
     },
     "generate": {
         "session_id": _required(_SESSION_ID),
-        **{name: _optional(_generation(name)) for name in ("max_tokens", *generation.SAMPLING_NAMES, "stop")},
+        **{
+            name: _optional(_generation(name))
+            for name in ("max_tokens", *generation.SAMPLING_NAMES, "stop", "speculative", "num_draft_tokens")
+        },
     },
     "cancel": {"request_id": _optional(_REQUEST_ID), "session_id": _optional(_SESSION_ID)},
     "session_info": {"session_id": _required(_SESSION_ID)},

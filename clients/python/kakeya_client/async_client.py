@@ -198,9 +198,10 @@ class AsyncClient:
         finally:
             self._core.close(rid)
 
-    async def create_session(self) -> "AsyncSession":
-        """A new, empty session on the daemon."""
-        return AsyncSession(self, (await self.call("create_session"))["session_id"])
+    async def create_session(self, **defaults) -> "AsyncSession":
+        """A new, empty session on the daemon; `defaults` (speculative, num_draft_tokens) apply to its generates."""
+        params = {k: v for k, v in defaults.items() if v is not None}
+        return AsyncSession(self, (await self.call("create_session", params))["session_id"])
 
     def session(self, session_id: str) -> "AsyncSession":
         """A handle on an existing session (made on any connection); nothing is checked until it is used."""

@@ -138,9 +138,10 @@ class Client:
             rid = self._core.next_id()
         self._send(rid, method, params)
 
-    def create_session(self) -> "Session":
-        """A new, empty session on the daemon."""
-        return Session(self, self.call("create_session")["session_id"])
+    def create_session(self, **defaults) -> "Session":
+        """A new, empty session on the daemon; `defaults` (speculative, num_draft_tokens) apply to its generates."""
+        params = {k: v for k, v in defaults.items() if v is not None}
+        return Session(self, self.call("create_session", params)["session_id"])
 
     def session(self, session_id: str) -> "Session":
         """A handle on an existing session (made on any connection); nothing is checked until it is used."""

@@ -34,6 +34,8 @@ class DoneEvent:
     cached_tokens: int
     timings: dict = field(default_factory=dict)
     error: Optional[KakeyaError] = None
+    draft_tokens: int = 0  # drafted for speculative decoding (0 from a daemon that does not say)
+    accepted_tokens: int = 0
 
 
 Event = Union[TokensEvent, TruncatedEvent, DoneEvent]
@@ -55,5 +57,7 @@ def event_from(message: EventMessage) -> Optional[Event]:
             cached_tokens=data["cached_tokens"],
             timings=dict(data["timings"]),
             error=error_from(error["code"], error["message"]) if error else None,
+            draft_tokens=data.get("draft_tokens", 0),
+            accepted_tokens=data.get("accepted_tokens", 0),
         )
     return None

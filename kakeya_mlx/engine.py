@@ -6,6 +6,7 @@ fails validation leaves its session exactly as it was.
 """
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -18,12 +19,19 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from kakeya_protocol import params as rules
 
-from . import chat
-from .cache import CacheShape
+from . import chat, store as session_store
+from .cache import LAYOUT_VERSION, CacheShape
 from .compute import ComputeThread
 from .constrain import Constraint, Constrainer
 from .decode import GenerateRequest, Generation
-from .errors import BusyError, InvalidArgumentError, NotFoundError
+from .errors import (
+    BusyError,
+    CorruptSessionError,
+    FingerprintMismatchError,
+    InvalidArgumentError,
+    NotFoundError,
+    StoreError,
+)
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
 from .probe import probe
@@ -32,6 +40,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .session import Session, prefill_piece
 from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
+from .store import SavedSession, SessionStore
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
 MAX_TOP_LOGPROBS = 20
@@ -92,9 +101,17 @@ class EngineConfig:
 class Engine:
     """Sessions and generation over one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), draft: Optional[LoadedModel] = None):
-        """`draft`: a smaller model sharing `loaded`'s tokenizer, for speculative decoding."""
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig = EngineConfig(),
+        draft: Optional[LoadedModel] = None,
+        store: Optional[SessionStore] = None,
+    ):
+        """`draft`: a smaller model sharing `loaded`'s tokenizer, for speculative decoding.
+        `store`: where `save_session` and `restore_session` keep sessions."""
         self.loaded = loaded
+        self.store = store
         self.config = config
         self.shape = config.cache_shape(loaded.max_position_embeddings)
         self.ropes = layer_shifters(loaded.model, self.shape.bound)
@@ -132,6 +149,7 @@ class Engine:
         self._constrainer_instance: Optional[Constrainer] = None
         self._constrainer_lock = threading.Lock()
         self._started = False
+        self._fingerprint: Optional[dict] = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -512,6 +530,141 @@ class Engine:
     async def end_turn(self, session_id: str) -> None:
         """Cancel the session's running turn, if any, and wait until it has ended."""
         await _end_turn(self._get(session_id))
+
+    # ---- the session store -------------------------------------------------
+
+    async def fingerprint(self) -> dict:
+        """What every stored session's cache depends on here: model files, dtype, cache shape, layout.
+
+        Read from the model's files once (a few KiB per weight tensor, see
+        `store.model_fingerprint`), then kept.
+        """
+        if self._fingerprint is None:
+            files = await asyncio.to_thread(session_store.model_fingerprint, self.loaded.path)
+            self._fingerprint = {
+                "layout": LAYOUT_VERSION,
+                **files,
+                "dtype": self.loaded.dtype,
+                "kv_dtype": self.loaded.kv_dtype,
+                "sink": self.shape.sink,
+                "window": self.shape.window,
+                "block": self.shape.block,
+            }
+        return self._fingerprint
+
+    def _require_store(self) -> SessionStore:
+        if self.store is None:
+            raise StoreError("this engine has no session store")
+        return self.store
+
+    async def save_session(
+        self, session_id: str, name: Optional[str] = None, extra: Optional[dict] = None
+    ) -> SavedSession:
+        """Write a session to the store under `name` (default: its id); it stays in memory.
+
+        `extra` is free-form JSON kept with it and handed back by `restore_session`.
+        A session whose turn is running is refused (BusyError). StoreWriteError (disk
+        full, unwritable, larger than the store's cap) leaves the store as it was.
+        """
+        store = self._require_store()
+        name = session_id if name is None else name
+        session_store.check_name(name)
+        extra = {} if extra is None else extra
+        if not isinstance(extra, dict) or not _is_json(extra):
+            raise InvalidArgumentError("extra must be a JSON object (str keys; str, number, bool, null, list, map values)")
+        fingerprint = await self.fingerprint()
+        session = self._get(session_id)
+        last_used = session.last_used_at  # saving is not a use: idle timers keep running
+        turn = self._begin_turn(session)  # no turn may start while the arrays are read
+        try:
+            data = await self._call(lambda: session_store.pack(name, fingerprint, *session.state(), extra))
+        finally:
+            turn.finish()
+            session.last_used_at = last_used
+        return await asyncio.to_thread(store.write, name, data)
+
+    async def restore_session(self, name: str, fork: bool = False) -> "RestoredSession":
+        """Bring a stored session back into memory exactly as it was saved.
+
+        It comes back under the id it was saved with, or under a new id if `fork`
+        (a copy of the saved conversation). The file stays in the store. Raises
+        NotFoundError; CorruptSessionError if the file is damaged; FingerprintMismatchError
+        (saying which part differs) if it was made with another model, dtype or cache
+        shape; InvalidArgumentError if its id is in memory already.
+        """
+        store = self._require_store()
+        fingerprint = await self.fingerprint()
+        body = await asyncio.to_thread(store.read, name)
+        new_id = uuid.uuid4().hex[:16] if fork else None
+        session, extra = await self._call(self._unpack_session, name, body, fingerprint, new_id)
+        if session.id in self._sessions:
+            raise InvalidArgumentError(
+                f"session {session.id!r} is in memory already; close it first, or restore {name!r} as a fork"
+            )
+        session.last_used_at = time.time()
+        self._sessions[session.id] = session
+        return RestoredSession(session.id, name, extra)
+
+    def _unpack_session(self, name: str, body: bytes, fingerprint: dict, new_id: Optional[str]):
+        stored = session_store.unpack(name, body)
+        differences = session_store.fingerprint_differences(stored.fingerprint, fingerprint)
+        if differences:
+            parts = "; ".join(f"{part}: stored {was!r}, here {now!r}" for part, (was, now) in differences.items())
+            raise FingerprintMismatchError(
+                f"stored session {name!r} was made for another model or cache ({parts})", differences
+            )
+        session_id = new_id or stored.session.get("id")
+        try:
+            if not isinstance(session_id, str) or not session_id:
+                raise ValueError(f"session id {session_id!r}")
+            session = Session.from_state(session_id, self.shape, self.ropes, stored.session, stored.arrays)
+            _check_fits(session, self.loaded)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptSessionError(f"stored session {name!r} is inconsistent: {exc}") from None
+        try:
+            check_mode(session.speculative, session.num_draft_tokens, has_draft_model=True)
+        except InvalidArgumentError as exc:
+            raise CorruptSessionError(f"stored session {name!r} is inconsistent: {exc.message}") from None
+        if session.speculative == "draft" and self.spec.draft is None:
+            # Drafting never changes what is generated, so the session is still exact without it.
+            log.info("session %s restored without its draft model: this engine has none", session_id)
+            session.speculative = None
+        mx.eval(session.logits, session.cache.boundary_logits, session.cache.arrays())
+        return session, stored.extra
+
+
+@dataclass(frozen=True)
+class RestoredSession:
+    """A session back in memory: its id, the stored name it came from, and the extra JSON saved with it."""
+
+    session_id: str
+    name: str
+    extra: dict
+
+
+def _check_fits(session: Session, loaded: LoadedModel) -> None:
+    """A restored session's arrays have this model's shapes and dtypes, its tokens this vocabulary."""
+    for i, layer in enumerate(session.cache.layers):
+        if layer.keys is None:
+            continue
+        heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+        if (heads, dim, str(layer.values.dtype).removeprefix("mlx.core.")) != (
+            loaded.num_kv_heads, loaded.head_dim, loaded.kv_dtype
+        ):
+            raise ValueError(f"layer {i}: {heads} heads of {dim} in {layer.values.dtype}, not this model's")
+    for logits in (session.logits, session.cache.boundary_logits):
+        if logits is not None and logits.shape[1] != loaded.vocab_size:
+            raise ValueError(f"logits over {logits.shape[1]} tokens, the vocabulary has {loaded.vocab_size}")
+    if any(t >= loaded.vocab_size for t in session.history):
+        raise ValueError(f"a history token outside the vocabulary [0, {loaded.vocab_size})")
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class _Turn:

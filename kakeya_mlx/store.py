@@ -73,6 +73,8 @@ DEFAULT_MAX_BYTES = 4 << 30
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
 _WRITE_CHUNK = 8 << 20
+# Largest safetensors header `describe` reads: the tensor table and the session's metadata.
+_MAX_HEADER = 16 << 20
 # Bytes of each tensor's data read for the weights digest, from its start and its end.
 _SAMPLE = 4096
 _NO_SPACE = {"ENOSPC", "EDQUOT", "EFBIG"}
@@ -252,11 +254,15 @@ class SessionStore:
     is the file's mtime, set by every write and read.
     """
 
-    def __init__(self, directory: Optional[Path] = None, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(
+        self, directory: Optional[Path] = None, max_bytes: int = DEFAULT_MAX_BYTES, cap_name: str = "max_bytes"
+    ):
+        """`cap_name` is what messages call the cap (a daemon names its own setting)."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise InvalidArgumentError(f"max_bytes={max_bytes!r}: the store's size cap must be a positive number of bytes")
+            raise InvalidArgumentError(f"{cap_name}={max_bytes!r}: the store's size cap must be a positive number of bytes")
         self.directory = Path(directory) if directory is not None else default_store_dir()
         self.max_bytes = max_bytes
+        self.cap_name = cap_name
         self._lock = threading.Lock()
         ensure_private_dir(self.directory)
         self._remove_abandoned_temporaries()
@@ -304,7 +310,7 @@ class SessionStore:
         if size > self.max_bytes:
             raise StoreWriteError(
                 f"session {name!r} takes {size} bytes, more than the session store's cap "
-                f"max_bytes={self.max_bytes}; it was not written"
+                f"{self.cap_name}={self.max_bytes}; it was not written"
             )
         temp = self.directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
@@ -359,6 +365,37 @@ class SessionStore:
         except OSError:
             pass  # last use is a hint for the LRU; reading succeeded
         return data[len(MAGIC) : -DIGEST_SIZE]
+
+    def describe(self, name: str) -> dict:
+        """The header of a stored session's file (name, saved_at, fingerprint, session, extra), for listing.
+
+        Reads only the file's start and does not verify its checksum: what it says
+        may be wrong for a damaged file, which `read` refuses. CorruptSessionError
+        when the header itself cannot be parsed.
+        """
+        path = self.path(name)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(MAGIC) + 8)
+                if len(head) < len(MAGIC) + 8 or not head.startswith(_MAGIC_PREFIX):
+                    raise CorruptSessionError(f"stored session {name!r} ({path}) is not a session file or is truncated")
+                (length,) = struct.unpack("<Q", head[len(MAGIC) :])
+                if length > _MAX_HEADER:
+                    raise CorruptSessionError(f"stored session {name!r} ({path}) has a {length}-byte header: damaged")
+                tensors = json.loads(f.read(length))
+            header = json.loads(tensors["__metadata__"]["kakeya"])
+        except FileNotFoundError:
+            raise NotFoundError(f"no stored session {name!r} in {self.directory}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read stored session {name!r} ({path}): {exc.strerror}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptSessionError(f"stored session {name!r} ({path}) has an unreadable header: {exc}") from None
+        if not isinstance(header, dict):
+            raise CorruptSessionError(f"stored session {name!r} ({path}) has an unreadable header")
+        history = tensors.get("history")
+        if isinstance(history, dict) and isinstance(history.get("shape"), list) and history["shape"]:
+            header["history_length"] = history["shape"][0]
+        return header
 
     def _make_room(self, name: str, size: int) -> list[str]:
         others = [s for s in self.sessions() if s.name != name]

@@ -8,6 +8,20 @@ from kakeya_mlx.loader import LoadedModel, load_model
 from tools.make_test_model import make_test_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tests_session_store(tmp_path_factory):
+    """Daemon processes that tests start keep their sessions in a store of the tests', never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KAKEYA_STORE_DIR", str(tmp_path_factory.mktemp("store")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def private_session_store(tmp_path, monkeypatch):
+    """One of its own for each test (module-scoped daemons share the session's)."""
+    monkeypatch.setenv("KAKEYA_STORE_DIR", str(tmp_path / "store"))
+
+
 @pytest.fixture(scope="session")
 def make_model(tmp_path_factory):
     """`make_model(variant="qwen3", seed=0, **options) -> Path`: a test model folder, built once per arguments."""

@@ -94,6 +94,33 @@ def test_chat_session_commands(daemon):
     assert isinstance(json.loads(sessions.stdout), (list, dict))
 
 
+def test_sessions_save_restore_and_delete_by_name(daemon):
+    _, sock = daemon
+    from kakeya_client import Client
+
+    with Client(sock) as client:
+        session = client.create_session()
+        session.append(text="Once upon a time")
+        session.complete(max_tokens=4)
+        history = session.info()["history_length"]
+    saved = kakeya("sessions", "save", session.id, "tale", "--socket", sock)
+    assert saved.returncode == 0 and saved.stdout.startswith(f"saved session {session.id} as tale"), saved.stderr
+    listing = kakeya("sessions", "--socket", sock)
+    assert listing.returncode == 0 and "SAVED" in listing.stdout
+    [row] = [line.split() for line in listing.stdout.splitlines() if line.startswith("tale ")]
+    assert row[1] == str(history) and row[-1] == session.id
+    restored = kakeya("sessions", "restore", "tale", "--socket", sock)
+    fork = restored.stdout.strip()
+    assert restored.returncode == 0 and fork and fork != session.id
+    with Client(sock) as client:
+        assert client.session(fork).info()["history_length"] == history
+    assert kakeya("sessions", "delete", "tale", "--socket", sock).stdout.strip() == "deleted tale"
+    again = kakeya("sessions", "delete", "tale", "--socket", sock)
+    assert again.returncode == 1 and "no saved session 'tale'" in again.stderr
+    wrong = kakeya("sessions", "save", session.id, "--socket", sock)
+    assert wrong.returncode == 2 and "save SESSION NAME" in wrong.stderr
+
+
 def test_run_needs_nothing_running(make_model):
     env = dict(os.environ, XDG_RUNTIME_DIR=tempfile.mkdtemp(prefix="kk-run-", dir="/tmp"))
     out = kakeya("run", "--model", str(make_model("qwen3")), "--max-tokens", "5", "--json", "Once upon a time", env=env)

@@ -53,6 +53,7 @@ def make_config(model_dir, sock_dir, **overrides) -> DaemonConfig:
         max_new_tokens=20000,
         idle_ttl_s=0.0,
         memory_budget_bytes=-1,
+        store_dir=str(Path(sock_dir) / "store"),
     )
     settings.update(overrides)
     return DaemonConfig(**settings)
@@ -199,6 +200,9 @@ async def test_hello_must_come_first_and_announces_model_and_limits(daemon, load
         "idle_ttl_s": 0.0,
         "max_requests_per_connection": daemon.config.max_requests_per_connection,
         "frame_timeout_s": daemon.config.frame_timeout_s,
+        "eviction": "spill",
+        "store_max_bytes": daemon.config.store_max_bytes,
+        "stop_save_s": daemon.config.stop_save_s,
     }
     # The same connection, still open, now serves requests.
     assert "session_id" in await client.result("create_session")
@@ -329,7 +333,7 @@ async def test_requests_on_one_connection_are_multiplexed(config, endless):
 
 
 async def test_the_python_client_gets_what_the_raw_protocol_gets(config, loaded_qwen3):
-    async with running_daemon(config(max_sessions=2), loaded=loaded_qwen3) as d:
+    async with running_daemon(config(max_sessions=2, eviction="destroy"), loaded=loaded_qwen3) as d:
         raw = await RawClient.connect(d.socket_path)
         sid = await new_session(raw)
         frames = await raw.generate(session_id=sid, max_tokens=8)
@@ -401,7 +405,8 @@ async def test_disconnect_mid_stream_frees_the_session_at_once(config, endless):
 
 
 async def test_max_sessions_rejects_with_the_limit_named(config, loaded_qwen3):
-    async with running_daemon(config(max_sessions=2), loaded=loaded_qwen3) as d:
+    # Where sessions are destroyed, not spilled, a client's session is never closed to make room.
+    async with running_daemon(config(max_sessions=2, eviction="destroy"), loaded=loaded_qwen3) as d:
         client = await RawClient.connect(d.socket_path)
         first = (await client.result("create_session"))["session_id"]
         await client.result("create_session")
@@ -485,7 +490,8 @@ async def test_cancelling_a_queued_generate_ends_it_with_done_cancelled(config, 
 
 
 async def test_idle_sessions_are_closed_after_the_ttl(config, loaded_qwen3):
-    async with running_daemon(config(idle_ttl_s=0.2, idle_sweep_interval_s=0.05), loaded=loaded_qwen3) as d:
+    cfg = config(idle_ttl_s=0.2, idle_sweep_interval_s=0.05, eviction="destroy")
+    async with running_daemon(cfg, loaded=loaded_qwen3) as d:
         client = await RawClient.connect(d.socket_path)
         sid = await new_session(client)
         while True:
@@ -520,7 +526,8 @@ async def test_a_memory_budget_sized_for_n_sessions_keeps_n(config, loaded_qwen3
     full = model["kv_bytes_per_token"] * (model["sink"] + model["window"] + model["block"])
     n = 3
     budget = memory["weights_bytes"] + memory["margin_bytes"] + n * full + full // 2
-    async with running_daemon(config(memory_budget_bytes=budget, **settings), loaded=loaded_qwen3) as d:
+    cfg = config(memory_budget_bytes=budget, eviction="destroy", **settings)
+    async with running_daemon(cfg, loaded=loaded_qwen3) as d:
         client = await RawClient.connect(d.socket_path)
         sessions = [await fill(client, model) for _ in range(n + 2)]
         for sid in sessions[:2]:  # the least recently used went, saying why

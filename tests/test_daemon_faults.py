@@ -228,6 +228,10 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
         (["--queue-policy", "maybe"], {}, "", "queue_policy"),
         (["--memory-budget-bytes", "lots"], {}, "", "memory-budget-bytes"),
         (["--log-level", "chatty"], {}, "", "log_level"),
+        (["--eviction", "drop"], {}, "", "eviction"),
+        ([], {"KAKEYA_STOP_SAVE_S": "-1"}, "", "stop_save_s"),
+        ([], {}, 'store_max_bytes = "lots"\n', "store_max_bytes"),
+        ([], {}, "store_max_bytes = 0\n", "store_max_bytes"),
     ],
 )
 def test_bad_settings_exit_2_naming_the_setting(tmp_path, monkeypatch, capsys, argv, env, toml, named):

@@ -60,8 +60,11 @@ def chat(i: int) -> list[dict]:
 # ---- one rule for limits: every session counts; pooled idle HTTP sessions go first ----------
 
 
-async def test_http_sessions_count_in_max_sessions_and_make_room_for_socket_ones(qwen3_dir, sock_dir, loaded_qwen3):
-    config = http_config(qwen3_dir, sock_dir, max_sessions=2)
+@pytest.mark.parametrize("eviction", ["destroy", "spill"])
+async def test_http_sessions_count_in_max_sessions_and_make_room_for_socket_ones(
+    qwen3_dir, sock_dir, loaded_qwen3, eviction
+):
+    config = http_config(qwen3_dir, sock_dir, max_sessions=2, eviction=eviction)
     async with running_daemon(config, loaded=loaded_qwen3) as d:
         client = openai_client(d)
         for i in range(4):
@@ -75,17 +78,27 @@ async def test_http_sessions_count_in_max_sessions_and_make_room_for_socket_ones
         second = await new_session(raw)
         stats = await raw.result("stats")
         assert stats["sessions"]["active"] == 2 and stats["sessions"]["pooled"] == 0
-        # Socket sessions are never closed to make room: now the HTTP front is refused, naming the limit.
-        with pytest.raises(openai.RateLimitError, match="max_sessions=2"):
+        if eviction == "destroy":
+            # Socket sessions are never closed to make room: now the HTTP front is refused, naming the limit.
+            with pytest.raises(openai.RateLimitError, match="max_sessions=2"):
+                await client.chat.completions.create(model=loaded_qwen3.name, messages=chat(9), max_tokens=2)
+        else:
+            # The least recently used socket session moves to the session store to make room...
             await client.chat.completions.create(model=loaded_qwen3.name, messages=chat(9), max_tokens=2)
+            states = {s["session_id"]: s["state"] for s in (await raw.result("list_sessions"))["sessions"]}
+            assert (states[first], states[second]) == ("stored", "resident")
+            # ...and comes back on its next request, the pooled one closed for it.
+            assert "restored" in await raw.result("session_info", session_id=first)
+            stats = await raw.result("stats")
+            assert stats["sessions"]["pooled"] == 0 and stats["sessions"]["evicted_pooled"] == 5
         for sid in (first, second):
-            await raw.result("session_info", session_id=sid)
+            assert (await raw.result("session_info", session_id=sid))["state"] == "resident"
         await raw.close()
         await client.close()
 
 
 async def test_a_session_checked_out_by_an_http_request_is_never_evicted(qwen3_dir, sock_dir, endless):
-    config = http_config(qwen3_dir, sock_dir, max_sessions=2)
+    config = http_config(qwen3_dir, sock_dir, max_sessions=2, eviction="destroy")
     async with running_daemon(config, loaded=endless) as d:
         client = openai_client(d)
         await client.chat.completions.create(model=endless.name, messages=chat(1), max_tokens=2)  # one pooled, idle

@@ -24,6 +24,7 @@ from kakeya_protocol.params import MAX_DRAFT_TOKENS, SPECULATIVE_MODES
 DEFAULT_MODEL = "smollm2"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QUEUE_POLICIES = ("queue", "reject")
+EVICTIONS = ("spill", "destroy")
 DTYPES = ("", "float16", "bfloat16", "float32")
 # memory_budget_bytes = 0 resolves to this share of the device's recommended working set.
 AUTO_BUDGET_FRACTION = 0.75
@@ -70,14 +71,17 @@ class DaemonConfig:
     )
     max_sessions: int = _opt(
         64,
-        "sessions held at once, both fronts together; beyond it the least recently used idle pooled HTTP "
-        "session is closed, else create_session is refused",
+        "sessions held in memory at once, both fronts together; beyond it the least recently used idle pooled "
+        "HTTP session is closed, else (with eviction = spill) the least recently used idle session is spilled, "
+        "else create_session is refused",
     )
     max_concurrent_generations: int = _opt(4, "generations running at once, over all sessions")
     queue_policy: str = _opt("queue", "when every generation slot is taken: 'queue' waits, 'reject' refuses at once")
     max_queue_wait_s: float = _opt(30.0, "longest a queued generate waits for a slot before it is rejected")
     max_queued_generations: int = _opt(64, "generates waiting for a slot at once; beyond it they are refused")
-    idle_ttl_s: float = _opt(3600.0, "close sessions unused for this many seconds; 0 keeps them forever")
+    idle_ttl_s: float = _opt(
+        3600.0, "sessions unused for this many seconds leave memory (see eviction); 0 keeps them forever"
+    )
     idle_sweep_interval_s: float = _opt(30.0, "how often idle sessions and the memory budget are checked")
     memory_budget_bytes: int = _opt(
         0,
@@ -107,6 +111,26 @@ class DaemonConfig:
         "the connection is closed after it",
     )
     shutdown_grace_s: float = _opt(10.0, "longest a stop waits for generations and replies to finish")
+    store_dir: str = _opt(
+        "",
+        "the session store: where sessions go when they leave memory, are saved at a stop or by name "
+        "(a private 0700 directory); empty = <cache dir>/sessions: $KAKEYA_HOME/sessions, "
+        "~/Library/Caches/kakeya/sessions on macOS, $XDG_CACHE_HOME/kakeya/sessions or ~/.cache/kakeya/sessions",
+    )
+    store_max_bytes: int = _opt(
+        4 << 30, "most bytes the session store holds; beyond it its least recently used files are removed", kind="size"
+    )
+    eviction: str = _opt(
+        "spill",
+        "what a session that must leave memory (idle_ttl_s, memory_budget_bytes, max_sessions) becomes: 'spill' "
+        "writes it to the session store and frees its memory, its next request restores it; 'destroy' closes it. "
+        "Spill falls back to destroy, with a warning, when the store cannot be opened",
+    )
+    stop_save_s: float = _opt(
+        10.0,
+        "longest a stop spends saving live sessions to the session store, most recently used first (they come "
+        "back after the restart); 0 = sessions end with the daemon",
+    )
     log_level: str = _opt("info", "log verbosity: debug, info, warning or error")
     http_host: str = _opt("127.0.0.1", "OpenAI-compatible HTTP front: address to listen on (keep it on loopback "
                           "unless API keys are set)")
@@ -160,6 +184,9 @@ class DaemonConfig:
         check("max_connection_buffer_bytes", self.max_connection_buffer_bytes >= 1024, "must be >= 1 KiB")
         check("frame_timeout_s", self.frame_timeout_s > 0, "must be > 0")
         check("shutdown_grace_s", self.shutdown_grace_s >= 0, "must be >= 0")
+        check("store_max_bytes", self.store_max_bytes >= 1, "must be a positive size")
+        check("eviction", self.eviction in EVICTIONS, "must be 'spill' or 'destroy'")
+        check("stop_save_s", self.stop_save_s >= 0, "must be >= 0 (0 = do not save at a stop)")
         check("max_append_tokens", self.max_append_tokens >= 1, "must be >= 1")
         check("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")
         check("log_level", self.log_level in LOG_LEVELS, "must be one of " + ", ".join(LOG_LEVELS))

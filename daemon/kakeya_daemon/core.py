@@ -8,28 +8,39 @@ session table: it asks the core.
 
 A front's calls, in order: take a lease on a session (`lease`), work on it
 (`append`, `open_turn` then `Turn.start` and iterate the turn), release the lease.
-`create_session`, `close_session`, `cancel_session`, `session_info` and the
-tokenizer calls stand alone.
+`create_session`, `close_session`, `cancel_session`, `session_info`, the named
+saves and the tokenizer calls stand alone.
+
+A session that must leave memory (idle_ttl_s, memory_budget_bytes, max_sessions)
+is spilled to the session store or destroyed (the `eviction` setting; pooled HTTP
+sessions are always destroyed). A stored session's entry stays; whatever needs its
+state first brings it back (`ensure_resident`) and says so in its reply. Applying
+the governor's decisions is residency.py's; reading and writing the store, stored.py's.
 """
 
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 from kakeya_mlx.engine import Engine
-from kakeya_mlx.errors import BusyError, NotFoundError
+from kakeya_mlx.errors import BusyError
+from kakeya_mlx.store import SessionStore
 from kakeya_protocol.quote import quote
 
 from .admission import Admission, Refusal
 from .counters import Counters
 from .governor import Governor, MemoryShape
-from .registry import Entry, Lease, Registry
+from .registry import RESIDENT, RESTORING, SPILLING, STORED, Entry, Lease, Registry
+from .residency import Residency
+from .stored import StoredSessions, StoreSettings
 from .turns import GenerationRequest, Turn
 
 log = logging.getLogger("kakeya.daemon")
+
+NO_STORE = StoreSettings(directory=None, max_bytes=1, eviction="destroy", stop_save_s=0.0)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -49,11 +60,20 @@ class Limits:
 class DaemonCore:
     """Sessions, leases, admission, memory and counters over one engine."""
 
-    def __init__(self, engine: Engine, limits: Limits):
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Limits,
+        store: Optional[SessionStore] = None,
+        store_settings: StoreSettings = NO_STORE,
+        store_unavailable: str = "none was configured",
+    ):
+        """`store`: where sessions go when they leave memory, are saved at a stop or by name (None: nowhere)."""
         self.engine = engine
         self.limits = limits
         self.registry = Registry()
         self.counters = Counters()
+        self.stored = StoredSessions(engine, self.registry, self.counters, store_settings, store, store_unavailable)
         self.admission = Admission(
             limits.max_concurrent_generations,
             limits.queue_policy,
@@ -61,9 +81,10 @@ class DaemonCore:
             limits.max_queued_generations,
         )
         self.governor = Governor(MemoryShape(0, 0, 0), limits.memory_budget_bytes, limits.max_sessions, limits.idle_ttl_s)
+        self.residency = Residency(
+            engine, self.registry, self.counters, self.governor, self.stored, limits.idle_sweep_interval_s
+        )
         self.stopping = False
-        self._tasks: set[asyncio.Task] = set()
-        self._sweeper: Optional[asyncio.Task] = None
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -84,7 +105,8 @@ class DaemonCore:
             )
             if shape.weights_bytes + shape.margin_bytes + shape.full_session_bytes > self.limits.memory_budget_bytes:
                 log.warning("memory_budget_bytes=%d leaves no room for one full session", self.limits.memory_budget_bytes)
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        await self.stored.adopt()
+        self.residency.start()
 
     def turns(self) -> list[Turn]:
         return [e.turn for e in self.registry.entries.values() if e.turn is not None]
@@ -94,8 +116,7 @@ class DaemonCore:
         if self.stopping:
             return
         self.stopping = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self.residency.stop_sweeping()
         turns = self.turns()
         log.info("shutting down: %d generation(s) in flight", len(turns))
         for turn in turns:
@@ -103,10 +124,12 @@ class DaemonCore:
         if turns:
             await asyncio.wait([asyncio.ensure_future(t.ended()) for t in turns], timeout=self.limits.shutdown_grace_s)
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def save_for_stop(self) -> None:
+        """After `stop`, once no request runs: save the live sessions to the store, within stop_save_s."""
+        await self.residency.save_for_stop()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        return self.residency.spawn(coro)
 
     def refuse_if_stopping(self) -> None:
         if self.stopping:
@@ -115,9 +138,6 @@ class DaemonCore:
 
     # ---- sessions --------------------------------------------------------
 
-    def _kv(self) -> dict[str, int]:
-        return {sid: self.engine.session_kv_bytes(sid) for sid in self.registry.entries}
-
     def _refused(self, refusal: Refusal) -> Refusal:
         self.counters.rejections[refusal.limit] += 1
         return refusal
@@ -125,22 +145,21 @@ class DaemonCore:
     async def create_session(
         self, pooled: bool = False, speculative: Optional[str] = None, num_draft_tokens: Optional[int] = None
     ) -> str:
-        """A new session; idle pooled HTTP sessions (then, for memory, idle ones) are closed to make room.
+        """A new session; idle pooled HTTP sessions (then idle ones, see the governor) leave memory to make room.
 
         `speculative` and `num_draft_tokens` become the session's defaults for its generates.
         """
         self.refuse_if_stopping()
-        self.engine.check_speculative(speculative, num_draft_tokens)  # before anything is closed for room
+        self.engine.check_speculative(speculative, num_draft_tokens)  # before anything leaves for room
         try:
-            victims = self.governor.for_new_session(self.registry, self._kv())
+            victims = self.governor.for_new_session(self.registry, self.residency.kv(), spill=self.stored.spills)
         except Refusal as refusal:
             raise self._refused(refusal) from None
-        closing = [self._remove(entry, *self._why_room(limit)) for entry, limit in victims]
+        leaving = [self.residency.evict(entry, limit) for entry, limit in victims]
         # No suspension inside: the room just made is ours.
         session_id = await self.engine.create_session(speculative, num_draft_tokens)
         self.registry.add(session_id, pooled=pooled)
-        for close in closing:
-            self._spawn(close)
+        await self.residency.gone(leaving)
         return session_id
 
     async def create_pooled_session(self, holder: str) -> Lease:
@@ -148,74 +167,130 @@ class DaemonCore:
         session_id = await self.create_session(pooled=True)
         return self.registry.acquire(session_id, holder, exclusive=True)
 
-    def _why_room(self, limit: str) -> tuple[str, str]:
-        """(why, eviction kind) for a session closed to make room under `limit`."""
-        if limit == "max_sessions":
-            return (
-                "closed (an idle pooled HTTP session, least recently used) to make room under "
-                f"max_sessions={self.limits.max_sessions}",
-                "pooled",
-            )
-        return (
-            "evicted (least recently used) to keep the sessions within "
-            f"memory_budget_bytes={self.limits.memory_budget_bytes}",
-            "lru",
-        )
+    async def ensure_resident(self, entry: Entry) -> Optional[dict]:
+        """Bring a stored session back into memory first; the reply's `restored` map when it was (Residency).
 
-    def _remove(self, entry: Entry, why: str, kind: str):
-        """Forget `entry` now (later requests hear `why`) and return the awaitable that closes it in the engine."""
-        self.registry.remove(entry.id, why)
-        self.counters.evicted[kind] += 1
-        log.info("session %s %s", entry.id, why)
-        return self._close_in_engine(entry.id)
-
-    async def _close_in_engine(self, session_id: str) -> None:
-        with contextlib.suppress(NotFoundError):
-            await self.engine.close_session(session_id)
+        A refusal for room is the caller's to count.
+        """
+        return await self.residency.ensure_resident(entry)
 
     async def evict_pooled(self, session_id: str, why: str) -> None:
         """Close an idle pooled session the HTTP front chose to give up (its own cap)."""
         entry = self.registry.entries.get(session_id)
         if entry is not None and entry.idle:
-            await self._remove(entry, why, "pooled")
+            self.counters.evicted["pooled"] += 1
+            await self.residency.remove(entry, why)
 
     async def close_session(self, session_id, holder: str) -> None:
-        """Close a session, ending its running generation first; busy while an HTTP turn holds it."""
+        """Close a session, ending its running generation first; busy while an HTTP turn holds it.
+
+        A stored session is not read back: its file is deleted.
+        """
         lease = self.lease(session_id, holder)
         try:
-            turn = lease.entry.turn
+            entry = lease.entry
+            turn = entry.turn
             if turn is not None:
                 await turn.close()
-            self.registry.remove(session_id)
-            await self._close_in_engine(session_id)
+            await self.residency.settle(entry)
+            if entry.state == STORED:
+                await self.stored.discard(entry)
+            await self.residency.remove(entry)
         finally:
             lease.release()
         log.info("%s: session %s closed", holder, session_id)
 
-    def lease(self, session_id, holder: str, exclusive: bool = False) -> Lease:
-        """A hold on the session (release it when done); NotFoundError says why a session is gone."""
-        with self._counting_busy():
-            return self.registry.acquire(session_id, holder, exclusive)
+    def lease(self, session_id, holder: str, exclusive: bool = False, use: bool = True) -> Lease:
+        """A hold on the session (release it when done); NotFoundError says why a session is gone.
+
+        `use`: whether the hold restarts the session's idle time.
+        """
+        with self._counting():
+            return self.registry.acquire(session_id, holder, exclusive, use)
 
     @contextlib.contextmanager
-    def _counting_busy(self):
+    def _counting(self):
+        """Count a refusal (busy, or a limit's) that passes through, in stats.rejections."""
         try:
             yield
         except BusyError:
             self.counters.rejections["busy"] += 1
             raise
+        except Refusal as refusal:
+            self.counters.rejections[refusal.limit] += 1
+            raise
 
     async def session_info(self, session_id) -> dict:
-        self.registry.get(session_id)
-        return await self.engine.session_info(session_id)
+        """The session's info (restoring a stored one first: then with "restored"), and its state."""
+        with self._counting():
+            restored = await self.ensure_resident(self.registry.get(session_id))
+        # No suspension between the check above and the engine's answer: it is still resident.
+        info = await self.engine.session_info(session_id)
+        info["state"] = RESIDENT
+        if restored is not None:
+            info["restored"] = restored
+        return info
 
     def list_sessions(self) -> list[dict]:
-        return [i for i in self.engine.list_sessions() if i["session_id"] in self.registry]
+        """Every session, resident or not, each with its state; a stored one as it was when it was written."""
+        resident = {i["session_id"]: i for i in self.engine.list_sessions()}
+        out = []
+        for entry in list(self.registry.entries.values()):
+            info = resident.get(entry.id)
+            if info is None or entry.state not in (RESIDENT, SPILLING):
+                stored = entry.stored
+                info = dict(stored.info or {}) if stored is not None else {}
+                info.update(session_id=entry.id, generating=False)
+                if stored is not None:
+                    info.update(stored_bytes=stored.nbytes, stored_at=stored.stored_at)
+            out.append({**info, "state": entry.state})
+        return out
+
+    async def list_saved(self) -> list[dict]:
+        return await self.stored.list_named()
 
     async def append(self, lease: Lease, **content) -> dict:
-        """Append tokens, text or messages (see Engine.append) to the leased session."""
-        with self._counting_busy():
-            return await self.engine.append(lease.entry.id, **content)
+        """Append tokens, text or messages (see Engine.append) to the leased session, restoring it first if stored."""
+        with self._counting():
+            restored = await self.ensure_resident(lease.entry)
+            result = await self.engine.append(lease.entry.id, **content)
+        if restored is not None:
+            result["restored"] = restored
+        return result
+
+    # ---- named saves -----------------------------------------------------
+
+    async def save_session(self, session_id, name: str, holder: str) -> dict:
+        """Save a session under `name` (restoring it first if stored); it stays where it is. Not a use."""
+        lease = self.lease(session_id, holder, use=False)
+        try:
+            with self._counting():
+                restored = await self.ensure_resident(lease.entry)
+                result = await self.stored.save_named(session_id, name)
+        finally:
+            lease.release()
+        if restored is not None:
+            result["restored"] = restored
+        return result
+
+    async def restore_session(self, name: str) -> dict:
+        """A new session holding the conversation saved as `name` (a fork of it)."""
+        self.refuse_if_stopping()
+        full = self.governor.shape.full_session_bytes
+        try:
+            victims = self.governor.for_new_session(
+                self.registry, self.residency.kv(), spill=self.stored.spills, arriving_bytes=full
+            )
+        except Refusal as refusal:
+            raise self._refused(refusal) from None
+        await self.residency.make_room(victims)
+        session_id, restored = await self.stored.restore_named(name)
+        self.registry.add(session_id)
+        info = await self.engine.session_info(session_id)
+        return {"session_id": session_id, "name": name, "history_length": info["history_length"], "restored": restored}
+
+    async def delete_saved(self, name: str) -> None:
+        await self.stored.delete_named(name)
 
     def history(self, session_id: str) -> list[int]:
         return self.engine.session_history(session_id)
@@ -249,9 +324,9 @@ class DaemonCore:
         self.counters.turns_opened += 1
         return turn
 
-    def _make_room_for_turn(self, entry: Entry) -> None:
-        for victim, limit in self.governor.for_turn(self.registry, entry, self._kv()):
-            self._spawn(self._remove(victim, *self._why_room(limit)))
+    async def make_room_for_turn(self, entry: Entry) -> None:
+        """Take idle sessions out of memory until `entry`'s cache may grow to full size; Refusal when it cannot."""
+        await self.residency.make_room(self.governor.for_turn(self.registry, entry, self.residency.kv()))
 
     async def cancel_session(self, session_id) -> bool:
         """Cancel whatever generate waits or runs on the session, from either front; False if none."""
@@ -261,41 +336,13 @@ class DaemonCore:
         turn.cancel()
         return True
 
-    # ---- the sweeper -----------------------------------------------------
-
-    async def _sweep_forever(self) -> None:
-        """Close sessions idle past idle_ttl_s; evict LRU idle sessions while over the memory budget."""
-        while True:
-            await asyncio.sleep(self.limits.idle_sweep_interval_s)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("idle sweep failed; will retry")
-
-    async def sweep(self) -> None:
-        now = time.monotonic()
-        for entry in self.governor.expired(self.registry, now):
-            await self._evict_by_sweeper(entry, f"closed after idle_ttl_s={self.limits.idle_ttl_s:g} without use", "idle")
-        for entry, limit in self.governor.over_budget(self.registry, self._kv()):
-            await self._evict_by_sweeper(entry, *self._why_room(limit))
-
-    async def _evict_by_sweeper(self, entry: Entry, why: str, kind: str) -> None:
-        try:
-            lease = self.registry.acquire(entry.id, "the sweeper", exclusive=True)
-        except (BusyError, NotFoundError):
-            return  # taken or gone since the decision
-        try:
-            await self._remove(entry, why, kind)
-        finally:
-            lease.release()
-
     # ---- stats -----------------------------------------------------------
 
     def stats(self) -> dict:
         """The `stats` reply (protocol section "stats"); /metrics renders the same numbers."""
         c, engine, gov = self.counters, self.engine, self.governor
         counters = engine.counters
-        kv = self._kv()
+        kv = self.residency.kv()
         memory = dict(engine.memory())
         memory.update(
             budget_bytes=gov.budget_bytes or 0,
@@ -308,7 +355,8 @@ class DaemonCore:
             "uptime_s": c.uptime_s,
             "model": engine.model_info()["name"],
             "sessions": {
-                "active": len(self.registry),
+                "active": sum(1 for e in entries if e.state in (RESIDENT, SPILLING)),
+                "stored": sum(1 for e in entries if e.state in (STORED, RESTORING)),
                 "max": self.limits.max_sessions,
                 "pooled": sum(1 for e in entries if e.pooled),
                 "leased": sum(1 for e in entries if e.leases),
@@ -329,6 +377,7 @@ class DaemonCore:
                 "decode": _rate(counters["tokens_out"], counters["decode_s"]),
             },
             "memory": memory,
+            "store": self.stored.stats(),
             "rejections": dict(c.rejections),
             "connections": c.connections,
             "requests": c.requests,

@@ -30,6 +30,8 @@ class Counters:
     requests: int = 0  # socket requests handled since start
     evicted: collections.Counter = field(default_factory=collections.Counter)  # idle, lru, pooled
     rejections: collections.Counter = field(default_factory=collections.Counter)  # limit name -> refusals
+    # The session store: spilled, restored, spill_failures, lost, removed (by its cap).
+    store: collections.Counter = field(default_factory=collections.Counter)
     turns_opened: int = 0
     turns_ended: int = 0
     http: HttpMeters = field(default_factory=HttpMeters)

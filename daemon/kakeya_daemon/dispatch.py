@@ -47,8 +47,11 @@ def done_data(done: DoneEvent) -> dict:
     return data
 
 
-def event_frames(request_id: int, events: list) -> list[dict]:
-    """Event frames for a batch of engine events, merging runs of tokens into one frame."""
+def event_frames(request_id: int, events: list, restored: Optional[dict] = None) -> list[dict]:
+    """Event frames for a batch of engine events, merging runs of tokens into one frame.
+
+    `restored`: the done event's "restored" map, when the turn restored its session first.
+    """
     frames, tokens, text = [], [], []
 
     def flush_tokens():
@@ -67,7 +70,10 @@ def event_frames(request_id: int, events: list) -> list[dict]:
             data = {"evicted": ev.evicted, "total_evicted": ev.total_evicted}
             frames.append(make_event(request_id, "truncated", data))
         elif isinstance(ev, DoneEvent):
-            frames.append(make_event(request_id, "done", done_data(ev)))
+            data = done_data(ev)
+            if restored is not None:
+                data["restored"] = restored
+            frames.append(make_event(request_id, "done", data))
     flush_tokens()
     return frames
 
@@ -85,6 +91,9 @@ class Dispatcher:
             "session_info": self._session_info,
             "close_session": self._close_session,
             "list_sessions": self._list_sessions,
+            "save_session": self._save_session,
+            "restore_session": self._restore_session,
+            "delete_saved": self._delete_saved,
             "tokenize": self._tokenize,
             "detokenize": self._detokenize,
             "stats": self._stats,
@@ -144,6 +153,9 @@ class Dispatcher:
                     "max_append_tokens": c.max_append_tokens,
                     "max_new_tokens": c.max_new_tokens,
                     "idle_ttl_s": c.idle_ttl_s,
+                    "eviction": self.core.stored.eviction,
+                    "store_max_bytes": self.core.stored.max_bytes,
+                    "stop_save_s": c.stop_save_s if self.core.stored.store is not None else 0.0,
                     "max_requests_per_connection": c.max_requests_per_connection,
                     "frame_timeout_s": c.frame_timeout_s,
                 },
@@ -156,16 +168,14 @@ class Dispatcher:
 
     async def _run(self, conn: Connection, request_id: int, method: str, params: dict) -> None:
         try:
-            result = await self._methods[method](conn, request_id, params)
-            await conn.send(make_result(request_id, result))
+            reply = make_result(request_id, await self._methods[method](conn, request_id, params))
         except EngineError as exc:
-            await conn.send_quietly(self._error_reply(conn, request_id, method, exc))
-        except (ConnectionError, OSError):
-            pass  # the client is gone; its reader loop cleans up
-        except Exception as exc:
+            reply = self._error_reply(conn, request_id, method, exc)
+        except Exception as exc:  # an OSError of the method's own (a file, say) included: it is not the client's
             log.exception("conn %d: internal error in %s (request %d)", conn.number, method, request_id)
             text = f"internal error: {type(exc).__name__}: {exc}"[:_MAX_INTERNAL_MESSAGE]
-            await conn.send_quietly(make_error(request_id, "internal", text))
+            reply = make_error(request_id, "internal", text)
+        await conn.send_quietly(reply)  # a client that is gone is cleaned up by its reader loop
 
     # ---- generate --------------------------------------------------------
 
@@ -186,6 +196,11 @@ class Dispatcher:
                 await turn.start()
             except EngineError as exc:
                 await conn.send_quietly(self._error_reply(conn, request_id, "generate", exc))
+                return
+            except Exception as exc:
+                log.exception("conn %d: internal error starting generate (request %d)", conn.number, request_id)
+                text = f"internal error: {type(exc).__name__}: {exc}"[:_MAX_INTERNAL_MESSAGE]
+                await conn.send_quietly(make_error(request_id, "internal", text))
                 return
             await self._stream(conn, request_id, turn)
         except (ConnectionError, OSError):
@@ -221,7 +236,7 @@ class Dispatcher:
                 batch = pending[:]
                 pending.clear()
                 done = next((e for e in batch if isinstance(e, DoneEvent)), None)
-                for frame in event_frames(request_id, batch):
+                for frame in event_frames(request_id, batch, turn.restored):
                     await conn.send(frame)
         finally:
             pump_task.cancel()
@@ -267,7 +282,20 @@ class Dispatcher:
         return {"closed": True}
 
     async def _list_sessions(self, conn: Connection, rid: int, params: dict) -> dict:
-        return {"sessions": self.core.list_sessions()}
+        return {"sessions": self.core.list_sessions(), "saved": await self.core.list_saved()}
+
+    async def _save_session(self, conn: Connection, rid: int, params: dict) -> dict:
+        holder = f"conn {conn.number} request {rid}"
+        return await self.core.save_session(params["session_id"], params["name"], holder)
+
+    async def _restore_session(self, conn: Connection, rid: int, params: dict) -> dict:
+        result = await self.core.restore_session(params["name"])
+        log.info("conn %d: saved session %s restored as session %s", conn.number, quote(params["name"]), result["session_id"])
+        return result
+
+    async def _delete_saved(self, conn: Connection, rid: int, params: dict) -> dict:
+        await self.core.delete_saved(params["name"])
+        return {"deleted": True}
 
     async def _tokenize(self, conn: Connection, rid: int, params: dict) -> dict:
         async with conn.tokenizer:

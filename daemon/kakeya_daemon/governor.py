@@ -9,15 +9,19 @@ entries to evict and leaves the evicting to the core.
 
 Each decision names the limit it serves ("max_sessions" or "memory_budget_bytes").
 Who goes first: idle pooled HTTP sessions (caches kept for stateless requests),
-least recently used first, then, for memory only, other idle sessions the same
-way. A session with a lease or a turn is never chosen.
+least recently used first, then other idle sessions the same way: for memory
+always, for max_sessions only where they are spilled to the session store (the
+core decides what leaving memory means; closing a client's conversation to make
+room is the client's decision). A session with a lease or a turn is never chosen,
+nor one that is not resident. A session being spilled holds nothing any more (the
+room is promised); one being restored holds its cache's full size.
 """
 
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from .admission import Refusal
-from .registry import RESIDENT, Entry, Registry
+from .registry import RESIDENT, RESTORING, Entry, Registry
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Governor:
         self.idle_ttl_s = idle_ttl_s
 
     def cost(self, entry: Entry, kv_bytes: int) -> int:
+        if entry.state == RESTORING:
+            return self.shape.full_session_bytes
         if entry.state != RESIDENT:
             return 0
         return self.shape.full_session_bytes if entry.turn is not None else kv_bytes
@@ -48,20 +54,36 @@ class Governor:
         fixed = self.shape.weights_bytes + self.shape.margin_bytes
         return fixed + sum(self.cost(e, kv.get(e.id, 0)) for e in registry.entries.values())
 
-    def for_new_session(self, registry: Registry, kv: dict[str, int]) -> list[tuple[Entry, str]]:
-        """(entry, limit) pairs to evict so one more session fits; Refusal when it cannot."""
-        resident = sum(1 for e in registry.entries.values() if e.state == RESIDENT)
+    def for_new_session(
+        self, registry: Registry, kv: dict[str, int], spill: bool = False, arriving_bytes: int = 0
+    ) -> list[tuple[Entry, str]]:
+        """(entry, limit) pairs to take out of memory so one more session fits; Refusal when it cannot.
+
+        `spill`: idle sessions that are not pooled may leave for max_sessions too.
+        `arriving_bytes`: what the new session brings (a restored copy's cache).
+        """
+        return self._for_sessions(registry, kv, spill, adding=1, extra=arriving_bytes)
+
+    def for_restore(self, registry: Registry, kv: dict[str, int], spill: bool = False) -> list[tuple[Entry, str]]:
+        """(entry, limit) pairs to take out of memory for a session being restored (already counted, at full size)."""
+        return self._for_sessions(registry, kv, spill, adding=0, extra=0)
+
+    def _for_sessions(self, registry: Registry, kv: dict[str, int], spill: bool, adding: int, extra: int):
+        in_memory = sum(1 for e in registry.entries.values() if e.state in (RESIDENT, RESTORING))
+        over = in_memory + adding - self.max_sessions
         victims: list[Entry] = []
-        if resident >= self.max_sessions:
-            pooled = [e for e in _evictable(registry) if e.pooled]
-            victims = pooled[: resident - self.max_sessions + 1]
-            if resident - len(victims) >= self.max_sessions:
+        if over > 0:
+            victims = [e for e in _evictable(registry) if spill or e.pooled][:over]
+            if len(victims) < over:
+                left = "idle session is left to move to the session store" if spill else (
+                    "idle pooled HTTP session is left to close"
+                )
                 raise Refusal(
                     "max_sessions",
-                    f"session limit reached (max_sessions={self.max_sessions}) and no idle pooled HTTP session "
-                    "is left to close; close a session or raise max_sessions",
+                    f"session limit reached (max_sessions={self.max_sessions}) and no {left}; "
+                    "close a session or raise max_sessions",
                 )
-        for_memory = self._fitted(registry, kv, extra=0, keep=None, chosen=victims)
+        for_memory = self._fitted(registry, kv, extra=extra, keep=None, chosen=victims)
         return [(e, "max_sessions") for e in victims] + [(e, "memory_budget_bytes") for e in for_memory]
 
     def for_turn(self, registry: Registry, entry: Entry, kv: dict[str, int]) -> list[tuple[Entry, str]]:
@@ -77,10 +99,17 @@ class Governor:
         return [(e, "memory_budget_bytes") for e in self._fit(registry, kv, extra=0, keep=None, chosen=[])[0]]
 
     def expired(self, registry: Registry, now: float) -> list[Entry]:
-        """Idle entries unused for longer than idle_ttl_s (none when it is 0)."""
+        """Idle resident entries unused for longer than idle_ttl_s (none when it is 0).
+
+        An entry whose spill failed is left alone until its `spill_retry_at`.
+        """
         if self.idle_ttl_s <= 0:
             return []
-        return [e for e in registry.idle() if now - e.last_used > self.idle_ttl_s]
+        return [
+            e
+            for e in registry.idle()
+            if e.state == RESIDENT and now - e.last_used > self.idle_ttl_s and now >= e.spill_retry_at
+        ]
 
     def _fitted(self, registry: Registry, kv: dict[str, int], extra: int, keep: Optional[Entry], chosen: list):
         victims, held = self._fit(registry, kv, extra, keep, chosen)

@@ -53,10 +53,14 @@ class SocketLock:
     taking over a stale socket cannot race with another daemon starting.
     """
 
-    def __init__(self, socket_path: Path):
-        self.socket_path = socket_path
-        self.path = socket_path.with_name(socket_path.name + ".lock")
+    def __init__(self, socket_path: Path, path: Optional[Path] = None):
+        self.owned = socket_path  # what holding the lock makes this daemon's
+        self.path = path if path is not None else socket_path.with_name(socket_path.name + ".lock")
         self._fd: Optional[int] = None
+
+    def held_by(self, pid: Optional[int]) -> str:
+        """Why the lock cannot be had, naming the daemon that holds it."""
+        return _already_serving(self.owned, pid)
 
     def acquire(self) -> None:
         """Take the lock, or raise StartError naming the daemon that holds it."""
@@ -68,7 +72,7 @@ class SocketLock:
                 holder = _read_pid(fd)
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise StartError(_already_serving(self.socket_path, holder)) from None
+                    raise StartError(self.held_by(holder)) from None
                 raise StartError(f"cannot lock {self.path}: {exc.strerror}") from None
             # The previous owner unlinks the file on exit; if it did so after our
             # open, we locked an orphan inode: start again on the new file.
@@ -93,10 +97,25 @@ class SocketLock:
             return
         try:
             self.path.unlink()
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # gone already, or its directory is: the lock goes with the descriptor anyway
         os.close(self._fd)
         self._fd = None
+
+
+class StoreLock(SocketLock):
+    """An exclusive flock on <store>/.daemon.lock: one daemon per session store directory.
+
+    Two daemons sharing a store would each take the other's stored sessions for
+    its own at start, and fail to restore them (another model) or restore them twice.
+    """
+
+    def __init__(self, directory: Path):
+        super().__init__(directory, directory / ".daemon.lock")
+
+    def held_by(self, pid: Optional[int]) -> str:
+        who = f" (pid {pid})" if pid else ""
+        return f"the session store {self.owned} is in use by another kakeya daemon{who}"
 
 
 def _read_pid(fd: int) -> Optional[int]:

@@ -7,6 +7,7 @@ appends into an HTTP prompt half way or uses a session while it is evicted.
 Only an entry with no lease and no turn may be evicted.
 """
 
+import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,18 @@ from typing import Optional
 from kakeya_mlx.errors import BusyError, NotFoundError
 from kakeya_protocol.quote import quote
 
-# Where a session's state lives. Every session is resident today; "stored" is for
-# sessions written to disk, which a request will bring back before using.
-RESIDENT, STORED = "resident", "stored"
+# Where a session's state lives (the wire's "state"): in memory; being written to the
+# session store; in the store only (a request brings it back before using it); being read back.
+RESIDENT, SPILLING, STORED, RESTORING = "resident", "spilling", "stored", "restoring"
+
+
+@dataclass(frozen=True)
+class StoredInfo:
+    """What the daemon knows of a session in the store without reading it back."""
+
+    info: Optional[dict]  # its session_info when it was written; None when the file's header is unreadable
+    nbytes: int
+    stored_at: float  # seconds since the epoch
 
 
 @dataclass(eq=False)
@@ -28,12 +38,14 @@ class Lease:
     holder: str  # who, in words, for messages and logs: "conn 3 request 7", "POST /v1/completions", "the sweeper"
     exclusive: bool
     released: bool = False
+    use: bool = True  # whether holding it is a use of the session (restarts its idle time)
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.entry.leases.remove(self)
-            self.entry.last_used = time.monotonic()
+            if self.use:
+                self.entry.last_used = time.monotonic()
 
 
 @dataclass(eq=False)
@@ -48,6 +60,11 @@ class Entry:
     turn: Optional[object] = None  # the core's Turn while a generate waits or runs
     created_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
+    # The task writing it to the store or reading it back (state spilling or restoring).
+    moving: Optional[asyncio.Task] = None
+    stored: Optional[StoredInfo] = None  # set while it is stored
+    # An idle spill that failed is not tried again before this (time.monotonic()).
+    spill_retry_at: float = 0.0
 
     @property
     def idle(self) -> bool:
@@ -72,8 +89,8 @@ class Registry:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self.entries
 
-    def add(self, session_id: str, pooled: bool = False) -> Entry:
-        entry = self.entries[session_id] = Entry(session_id, pooled=pooled)
+    def add(self, session_id: str, pooled: bool = False, state: str = RESIDENT) -> Entry:
+        entry = self.entries[session_id] = Entry(session_id, pooled=pooled, state=state)
         return entry
 
     def get(self, session_id) -> Entry:
@@ -94,8 +111,11 @@ class Registry:
             while len(self._gone) > self._remembered:
                 self._gone.popitem(last=False)
 
-    def acquire(self, session_id: str, holder: str, exclusive: bool = False) -> Lease:
-        """A lease on the session; NotFoundError if it is gone, BusyError if the holds conflict."""
+    def acquire(self, session_id: str, holder: str, exclusive: bool = False, use: bool = True) -> Lease:
+        """A lease on the session; NotFoundError if it is gone, BusyError if the holds conflict.
+
+        `use`: whether this hold counts as a use (a save does not restart the idle time).
+        """
         entry = self.get(session_id)
         held_exclusively = any(lease.exclusive for lease in entry.leases)
         if held_exclusively or (exclusive and (entry.leases or entry.turn is not None)):
@@ -103,9 +123,10 @@ class Registry:
                 f"session {quote(session_id)} is in use by {entry.holders() or 'a generation'}; "
                 "try again when it is done"
             )
-        lease = Lease(entry, holder, exclusive)
+        lease = Lease(entry, holder, exclusive, use=use)
         entry.leases.append(lease)
-        entry.last_used = time.monotonic()
+        if use:
+            entry.last_used = time.monotonic()
         return lease
 
     def leases_held(self) -> int:

@@ -3,7 +3,8 @@
 One model, one engine, one core; the Unix-socket front always, the
 OpenAI-compatible HTTP front when asked for. Stopping (SIGTERM, SIGINT, the
 `shutdown` request, `kakeya stop`) ends every generation of both fronts with a
-proper ending before anything closes.
+proper ending before anything closes, then saves the live sessions to the
+session store (bounded by stop_save_s) before the engine stops.
 """
 
 import asyncio
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import AsyncIterator, Optional
 
 import mlx.core as mx
@@ -21,9 +23,10 @@ from .config import AUTO_BUDGET_FRACTION, ConfigError, DaemonConfig, load_config
 from .core import DaemonCore, Limits
 from .http_handlers import HttpOptions
 from .http_server import HttpServer, ListenOptions, start_http
-from .lifecycle import ClaimedSocket, StartError
+from .lifecycle import ClaimedSocket, StartError, StoreLock
 from .logs import setup_logging
 from .socket_front import SocketFront
+from .stored import StoreSettings, open_store
 
 log = logging.getLogger("kakeya.daemon")
 
@@ -68,6 +71,7 @@ class Daemon:
         self.http: Optional[HttpServer] = None
         self._loaded = loaded
         self._claimed = ClaimedSocket(self.socket_path)
+        self._store_lock: Optional[StoreLock] = None
         self._stop_task: Optional[asyncio.Task] = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -85,6 +89,10 @@ class Daemon:
                 loaded = load_model(self.config.model, dtype=self.config.dtype or None, progress=_progress)
             c = self.config
             draft = self._load_draft()
+            store_settings = _store_settings(c)
+            store, self._store_lock, unavailable = open_store(store_settings)
+            if store is None and (c.eviction == "spill" or c.stop_save_s > 0):
+                log.warning("no session store (%s): sessions leaving memory are closed, none is saved at a stop", unavailable)
             self.engine = Engine(
                 loaded,
                 EngineConfig(
@@ -99,9 +107,10 @@ class Daemon:
                     num_draft_tokens=c.num_draft_tokens,
                 ),
                 draft=draft,
+                store=store,
             )
             await self.engine.start()
-            self.core = DaemonCore(self.engine, core_limits(c))
+            self.core = DaemonCore(self.engine, core_limits(c), store, store_settings, unavailable or "")
             await self.core.start()
             self.socket = SocketFront(self.core, c, self._claimed)
             self.socket.dispatcher.on_shutdown = self.request_stop
@@ -157,20 +166,34 @@ class Daemon:
             self.http.stop_accepting()
         if self.core is not None:
             await self.core.stop()
-        await self._release()
+        await self._release(save=True)
         log.info("stopped")
         self._stopped.set()
 
-    async def _release(self) -> None:
+    async def _release(self, save: bool = False) -> None:
+        """Close the fronts and the core; with `save`, save the live sessions once no request runs; then the rest."""
         if self.socket is not None:
             await self.socket.close()
         if self.http is not None:
             await self.http.stop()
         if self.core is not None:
             await self.core.stop()
+            if save:
+                await self.core.save_for_stop()
         if self.engine is not None:
             await self.engine.stop()
+        if self._store_lock is not None:
+            self._store_lock.release()
         self._claimed.release()
+
+
+def _store_settings(c: DaemonConfig) -> StoreSettings:
+    return StoreSettings(
+        directory=Path(c.store_dir).expanduser() if c.store_dir else None,
+        max_bytes=c.store_max_bytes,
+        eviction=c.eviction,
+        stop_save_s=c.stop_save_s,
+    )
 
 
 def _http_options(c: DaemonConfig) -> HttpOptions:

@@ -53,10 +53,11 @@ class GenerationRequest:
 class Turn:
     """One generate on either front, from acceptance to its end. Iterate it for the engine's events.
 
-    `start()` waits for a cancelled earlier turn of the session to end, for memory
-    room and for a generation slot; `cancel()` works at any point; `ended()` returns
-    once the engine has let go of the session (or the turn never started), and
-    `done` then holds its DoneEvent. `close()` is cancel plus wait.
+    `start()` waits for a cancelled earlier turn of the session to end, for a
+    stored session to be restored (`restored` then holds the reply's map), for
+    memory room and for a generation slot; `cancel()` works at any point; `ended()`
+    returns once the engine has let go of the session (or the turn never started),
+    and `done` then holds its DoneEvent. `close()` is cancel plus wait.
     """
 
     def __init__(self, core: "DaemonCore", lease: Lease, request: GenerationRequest, after: Optional["Turn"]):
@@ -66,6 +67,7 @@ class Turn:
         self.request = request
         self.stream: Optional[TurnStream] = None
         self.done: Optional[DoneEvent] = None
+        self.restored: Optional[dict] = None
         self.cancelled = False
         self._after = after
         self._cancel_requested = asyncio.Event()
@@ -85,7 +87,10 @@ class Turn:
                 return self._end_unstarted()
             if self.cancelled:
                 return self._end_unstarted()
-            core._make_room_for_turn(self.lease.entry)
+            self.restored = await core.ensure_resident(self.lease.entry)
+            if self.cancelled:
+                return self._end_unstarted()
+            await core.make_room_for_turn(self.lease.entry)
             admission = core.admission
             if not admission.try_acquire() and not await self._unless_cancelled(admission.wait(admission.enqueue())):
                 return self._end_unstarted()

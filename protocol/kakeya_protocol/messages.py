@@ -1,6 +1,7 @@
 """Message shapes: requests (strictly validated), replies, errors and streamed events."""
 
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -16,6 +17,12 @@ EVENT_NAMES = ("tokens", "truncated", "done")
 STOP_REASONS = ("max_tokens", "eos", "stop_sequence", "cancelled", "error")
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 TIMING_KEYS = ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "total_s")
+# Where a session is (list_sessions' "state"): in memory, being written to the session
+# store, in the store only (the next request naming it restores it), being read back.
+SESSION_STATES = ("resident", "spilling", "stored", "restoring")
+# A saved session's name: it becomes part of a file name, so no separators and no leading dot.
+SAVED_NAME_MAX = 120
+_SAVED_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{SAVED_NAME_MAX - 1}}}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,17 @@ def _messages(value) -> Optional[str]:
     return None
 
 
+def check_saved_name(value: Any) -> Optional[str]:
+    """Why `value` cannot name a saved session, or None."""
+    if not isinstance(value, str):
+        return f"must be a string, got {msgpack_type_name(value)}"
+    if not _SAVED_NAME.fullmatch(value):
+        return (
+            f"must be 1-{SAVED_NAME_MAX} letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return None
+
+
 def _generation(name: str) -> Callable[[Any], Optional[str]]:
     """A generate parameter, checked by the rule set every front and the engine share."""
     return lambda value: generation.problem(name, value, msgpack_type_name)
@@ -154,6 +172,9 @@ METHOD_PARAMS: dict[str, dict[str, _Field]] = {
     "session_info": {"session_id": _required(_SESSION_ID)},
     "close_session": {"session_id": _required(_SESSION_ID)},
     "list_sessions": {},
+    "save_session": {"session_id": _required(_SESSION_ID), "name": _required(check_saved_name)},
+    "restore_session": {"name": _required(check_saved_name)},
+    "delete_saved": {"name": _required(check_saved_name)},
     "tokenize": {"text": _required(_string())},
     "detokenize": {"tokens": _required(_token_ids(non_empty=False))},
     "stats": {},

@@ -208,7 +208,19 @@ class AsyncClient:
         return AsyncSession(self, session_id)
 
     async def list_sessions(self) -> list[dict]:
+        """Every session, each with its "state": resident, or stored on disk until its next request."""
         return (await self.call("list_sessions"))["sessions"]
+
+    async def list_saved(self) -> list[dict]:
+        """The sessions saved by name (AsyncSession.save), most recently used first."""
+        return (await self.call("list_sessions")).get("saved", [])
+
+    async def restore_session(self, name: str) -> "AsyncSession":
+        """A new session holding the conversation saved as `name` (a fork of it; the save stays)."""
+        return AsyncSession(self, (await self.call("restore_session", {"name": name}))["session_id"])
+
+    async def delete_saved(self, name: str) -> None:
+        await self.call("delete_saved", {"name": name})
 
     async def stats(self) -> dict:
         return await self.call("stats")
@@ -274,6 +286,11 @@ class AsyncSession(SessionHandle):
 
     async def info(self) -> dict:
         return await self.client.call("session_info", {"session_id": self.id})
+
+    async def save(self, name: str) -> dict:
+        """Save this conversation under `name` (see AsyncClient.restore_session); it goes on unchanged.
+        Returns {"name", "stored_bytes", "save_s"}."""
+        return await self.client.call("save_session", {"session_id": self.id, "name": name})
 
     async def close(self) -> None:
         """Close the session on the daemon, freeing its cache."""

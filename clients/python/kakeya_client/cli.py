@@ -161,10 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "sessions",
         parents=[client],
-        help="list the daemon's sessions",
-        description="List the sessions the daemon holds, most recently used first.",
+        help="list the daemon's sessions; save, restore or delete one by name",
+        description=(
+            "List the sessions the daemon holds, most recently used first: in memory, or in its session store "
+            "until their next request; then the ones saved by name. With an action: "
+            "'save SESSION NAME' saves a session under a name, 'restore NAME' makes a new session holding a saved "
+            "conversation (a fork; prints its id), 'delete NAME' deletes a saved one."
+        ),
     )
-    p.add_argument("--json", action="store_true", help="print the session list as JSON")
+    p.add_argument("action", nargs="*", metavar="ACTION", help="save SESSION NAME | restore NAME | delete NAME")
+    p.add_argument(
+        "--json", action="store_true", help="print the daemon's reply as JSON (listing: {'sessions': [...], 'saved': [...]})"
+    )
     p.set_defaults(func=cmd_sessions)
 
     p = commands.add_parser(
@@ -337,7 +345,9 @@ def _private_daemon(model: Optional[str], timeout: float):
     """Start `python -m kakeya_daemon` on a private socket, yield a connected Client, shut it down after."""
     tmp = Path(tempfile.mkdtemp(prefix="kakeya-run-"))
     sock = tmp / "kakeya.sock"
-    cmd = [sys.executable, "-m", "kakeya_daemon", "--socket", str(sock)] + (["--model", model] if model else [])
+    # Its session is throwaway: kept in a store of its own, not saved when it stops.
+    cmd = [sys.executable, "-m", "kakeya_daemon", "--socket", str(sock), "--store-dir", str(tmp / "sessions"),
+           "--stop-save-s", "0"] + (["--model", model] if model else [])
     # Own process group: Ctrl-C reaches only us, and we cancel and shut the daemon down in order.
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
@@ -562,33 +572,90 @@ def cmd_status(args) -> int:
 
 
 def cmd_sessions(args) -> int:
+    if args.action:
+        return _session_store_action(args)
     with _connect(args) as client:
-        sessions = client.list_sessions()
+        listing = client.call("list_sessions")
+    sessions, saved = listing["sessions"], listing.get("saved", [])
     if args.json:
-        print(json.dumps(sessions, indent=2))
+        print(json.dumps(listing, indent=2))
         return 0
-    if not sessions:
+    if not sessions and not saved:
         print("no sessions")
         return 0
     now = time.time()
+
+    def last_used(s: dict) -> float:
+        return s.get("last_used_at", s.get("stored_at", 0.0))
+
     header = ("SESSION", "HISTORY", "CACHE", "EVICTED", "KV", "STATE", "IDLE")
     rows = [
         (
             s["session_id"],
-            str(s["history_length"]),
-            str(s["cache_length"]),
-            str(s["evicted_tokens"]),
-            _size(s["kv_bytes"]),
-            "generating" if s["generating"] else "idle",
-            _duration(max(0.0, now - s["last_used_at"])),
+            str(s.get("history_length", "?")),
+            str(s.get("cache_length", "?")),
+            str(s.get("evicted_tokens", "?")),
+            _size(s["kv_bytes"]) if s.get("state", "resident") == "resident" else "-",
+            _session_state(s),
+            _duration(max(0.0, now - last_used(s))),
         )
-        for s in sorted(sessions, key=lambda s: s["last_used_at"], reverse=True)
+        for s in sorted(sessions, key=last_used, reverse=True)
     ]
+    _print_table(header, rows, left_aligned=(0, 5))  # the id and the state; numbers align right
+    if saved:
+        if rows:
+            print()
+        header = ("SAVED", "HISTORY", "SIZE", "AGE", "FROM")
+        rows = [
+            (
+                s["name"],
+                str(s.get("history_length", "?")),
+                _size(s["stored_bytes"]),
+                _duration(max(0.0, now - s["saved_at"])) if s.get("saved_at") else "?",
+                s.get("from_session", s.get("error", "")),
+            )
+            for s in saved
+        ]
+        _print_table(header, rows, left_aligned=(0, 4))
+    return 0
+
+
+def _session_state(s: dict) -> str:
+    state = s.get("state", "resident")
+    if state == "resident":
+        return "generating" if s["generating"] else "idle"
+    if state == "stored" and "stored_bytes" in s:
+        return f"stored ({_size(s['stored_bytes'])})"
+    return state
+
+
+def _print_table(header: tuple, rows: list[tuple], left_aligned: tuple) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    left_aligned = (0, 5)  # the id and the state; numbers align right
     for row in [header, *rows]:
         cells = [c.ljust(w) if i in left_aligned else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         print("  ".join(cells).rstrip())
+
+
+_STORE_ACTIONS = {"save": ("SESSION", "NAME"), "restore": ("NAME",), "delete": ("NAME",)}
+
+
+def _session_store_action(args) -> int:
+    """`kakeya sessions save SESSION NAME | restore NAME | delete NAME`."""
+    verb, *words = args.action
+    if verb not in _STORE_ACTIONS or len(words) != len(_STORE_ACTIONS[verb]):
+        usage = " | ".join(" ".join([v, *w]) for v, w in _STORE_ACTIONS.items())
+        raise UsageError(f"sessions: expected {usage}, not {' '.join(args.action)!r}")
+    with _connect(args) as client:
+        if verb == "save":
+            result = client.session(words[0]).save(words[1])
+            line = f"saved session {words[0]} as {words[1]} ({_size(result['stored_bytes'])} in {result['save_s']:.2f}s)"
+        elif verb == "restore":
+            result = client.call("restore_session", {"name": words[0]})
+            line = result["session_id"]  # alone, for scripts: SID=$(kakeya sessions restore NAME)
+        else:
+            client.delete_saved(words[0])
+            result, line = {"deleted": True}, f"deleted {words[0]}"
+    print(json.dumps(result, indent=2) if args.json else line)
     return 0
 
 

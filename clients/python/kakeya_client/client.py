@@ -148,7 +148,19 @@ class Client:
         return Session(self, session_id)
 
     def list_sessions(self) -> list[dict]:
+        """Every session, each with its "state": resident, or stored on disk until its next request."""
         return self.call("list_sessions")["sessions"]
+
+    def list_saved(self) -> list[dict]:
+        """The sessions saved by name (Session.save), most recently used first."""
+        return self.call("list_sessions").get("saved", [])
+
+    def restore_session(self, name: str) -> "Session":
+        """A new session holding the conversation saved as `name` (a fork of it; the save stays)."""
+        return Session(self, self.call("restore_session", {"name": name})["session_id"])
+
+    def delete_saved(self, name: str) -> None:
+        self.call("delete_saved", {"name": name})
 
     def stats(self) -> dict:
         return self.call("stats")
@@ -219,6 +231,11 @@ class Session(SessionHandle):
 
     def info(self) -> dict:
         return self.client.call("session_info", {"session_id": self.id})
+
+    def save(self, name: str) -> dict:
+        """Save this conversation under `name` (see Client.restore_session); it goes on unchanged.
+        Returns {"name", "stored_bytes", "save_s"}."""
+        return self.client.call("save_session", {"session_id": self.id, "name": name})
 
     def close(self) -> None:
         """Close the session on the daemon, freeing its cache."""

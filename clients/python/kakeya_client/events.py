@@ -36,6 +36,8 @@ class DoneEvent:
     error: Optional[KakeyaError] = None
     draft_tokens: int = 0  # drafted for speculative decoding (0 from a daemon that does not say)
     accepted_tokens: int = 0
+    # {"restore_s", "stored_bytes"} when the generate restored its session from the session store first.
+    restored: Optional[dict] = None
 
 
 Event = Union[TokensEvent, TruncatedEvent, DoneEvent]
@@ -59,5 +61,6 @@ def event_from(message: EventMessage) -> Optional[Event]:
             error=error_from(error["code"], error["message"]) if error else None,
             draft_tokens=data.get("draft_tokens", 0),
             accepted_tokens=data.get("accepted_tokens", 0),
+            restored=data.get("restored"),
         )
     return None

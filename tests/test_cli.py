@@ -52,6 +52,7 @@ def test_status_reports_the_model_and_limits(daemon):
     assert "qwen3" in text and "max_sessions" in text
     human = kakeya("status", "--socket", sock)
     assert human.returncode == 0 and human.stdout.strip()
+    assert "store:" in human.stdout and "spill" in human.stdout
 
 
 def test_generate_streams_what_json_reports(daemon):

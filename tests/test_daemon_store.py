@@ -408,7 +408,9 @@ async def test_stored_sessions_are_private_and_the_http_front_never_reaches_them
             async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
                 assert (await response.json())["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
             async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
-                assert sid not in await response.text()
+                metrics = await response.text()
+            assert sid not in metrics  # counts only
+            assert 'kakeya_store_sessions_total{event="spilled"} 1' in metrics and "kakeya_sessions_stored 1" in metrics
         assert (await states(client))[sid] == "stored" and d.core.counters.store["restored"] == 0
         if os.getuid() == 0:  # another user cannot even list the ids (file names) in the store
             probe = "import os, sys; os.setgid(65534); os.setuid(65534); os.listdir(sys.argv[1])"

@@ -20,6 +20,16 @@ def render_metrics(stats: dict, meters: HttpMeters, pooled: int, pool_max: int) 
         "Sessions closed by the daemon, by reason.",
         [({"reason": r}, sessions[f"evicted_{r}"]) for r in ("idle", "lru", "pooled")],
     )
+    out.add_value("kakeya_sessions_stored", "gauge", "Sessions in the session store only.", sessions["stored"])
+    store = stats["store"]
+    out.add_value("kakeya_store_bytes", "gauge", "Bytes in the session store (store_max_bytes caps them).", store["bytes"])
+    out.add(
+        "kakeya_store_sessions_total",
+        "counter",
+        "Sessions spilled to the session store and restored from it; spills that failed; sessions lost so; "
+        "files the store's cap removed.",
+        [({"event": k}, store[k]) for k in ("spilled", "restored", "spill_failures", "lost", "removed")],
+    )
     out.add_value("kakeya_http_sessions", "gauge", "Sessions pooled by the HTTP front for cache reuse.", pooled)
     out.add_value("kakeya_http_sessions_max", "gauge", "Pool limit of the HTTP front (http_max_sessions).", pool_max)
     generations = stats["generations"]

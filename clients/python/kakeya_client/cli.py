@@ -560,6 +560,7 @@ def cmd_status(args) -> int:
         f"{_size(model.get('kv_bytes_per_token', 0))} per token",
         f"sessions:    {sessions['active']} of {sessions['max']} "
         f"(evicted: {sessions['evicted_idle']} idle, {sessions['evicted_lru']} for memory)",
+        *_store_lines(stats.get("store"), sessions.get("stored", 0)),
         f"generations: {gens['active']} running of {limits.get('max_concurrent_generations', '?')}, "
         f"{gens['queued']} queued, {gens['total']} done",
         f"tokens:      {tokens['in']} in at {rates['prefill']:.1f}/s, {tokens['out']} out at {rates['decode']:.1f}/s",
@@ -569,6 +570,19 @@ def cmd_status(args) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _store_lines(store: Optional[dict], stored: int) -> list[str]:
+    """`kakeya status`'s line about the session store (none from a daemon that has no word on it)."""
+    if store is None:
+        return []
+    if not store["enabled"]:
+        return ["store:       none (sessions leaving memory are closed)"]
+    return [
+        f"store:       {stored} stored, {store['saved_sessions']} saved by name, {_size(store['bytes'])} of "
+        f"{_size(store['max_bytes'])} in {store['directory']} ({store['eviction']}; {store['spilled']} spilled, "
+        f"{store['restored']} restored, {store['lost']} lost)"
+    ]
 
 
 def cmd_sessions(args) -> int:

@@ -128,6 +128,11 @@ class Engine:
             found = probe(loaded.model, loaded.vocab_size)
             self.recompute_blocks = not found.chunk_invariant
             log.info("%s: recompute_blocks=%s", found.describe(), self.recompute_blocks)
+            if not found.batch_invariant and config.decode_batch_size > 1:
+                log.info(
+                    "batched sessions may differ from lone ones in the last bits here; "
+                    "decode_batch_size=1 computes each session on its own"
+                )
         else:
             self.recompute_blocks = config.recompute_blocks
             log.info("recompute_blocks=%s, as configured (not probed)", self.recompute_blocks)

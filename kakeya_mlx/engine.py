@@ -35,7 +35,7 @@ from .errors import (
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
 from .probe import probe
-from .rope import layer_shifters
+from .rope import layer_shifters, make_batchable
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .session import Session, prefill_piece
@@ -115,6 +115,7 @@ class Engine:
         self.config = config
         self.shape = config.cache_shape(loaded.max_position_embeddings)
         self.ropes = layer_shifters(loaded.model, self.shape.bound)
+        make_batchable(loaded.model, self.shape.bound)
         if draft is not None:
             check_draft_model(loaded, draft, self.shape)
         if config.speculative == "draft" and draft is None:
@@ -128,6 +129,11 @@ class Engine:
             found = probe(loaded.model, loaded.vocab_size)
             self.recompute_blocks = not found.chunk_invariant
             log.info("%s: recompute_blocks=%s", found.describe(), self.recompute_blocks)
+            if not found.batch_invariant and config.decode_batch_size > 1:
+                log.info(
+                    "batched sessions may differ from lone ones in the last bits here; "
+                    "decode_batch_size=1 computes each session on its own"
+                )
         else:
             self.recompute_blocks = config.recompute_blocks
             log.info("recompute_blocks=%s, as configured (not probed)", self.recompute_blocks)

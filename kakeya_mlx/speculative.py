@@ -27,7 +27,7 @@ from kakeya_protocol import params as rules
 from .batch import forward_one
 from .cache import CacheShape, SinkWindowCache
 from .errors import InvalidArgumentError, ModelLoadError
-from .rope import RopeSpec, layer_shifters
+from .rope import RopeSpec, layer_shifters, make_batchable
 
 MODES = rules.SPECULATIVE_MODES
 MAX_DRAFT_TOKENS = rules.MAX_DRAFT_TOKENS
@@ -91,6 +91,7 @@ class DraftModel:
         self.model: nn.Module = loaded.model
         self.shape = shape
         self.ropes: list[RopeSpec] = layer_shifters(loaded.model, shape.bound)
+        make_batchable(loaded.model, shape.bound)
 
     def new_cache(self) -> SinkWindowCache:
         return SinkWindowCache(self.shape, self.ropes)

@@ -34,7 +34,18 @@ def test_the_probe_checks_every_layer_and_the_logits(loaded_qwen3):
     assert found.chunk_invariant == found.chunking.invariant == (found.chunking.differed == ())
     assert (found.chunking.max_abs_diff == 0.0) == found.chunk_invariant
     assert all(sum(sizes) == TOKENS for sizes in PIECES) and any(1 in sizes for sizes in PIECES)
-    assert ("identical" in found.describe()) == found.chunk_invariant
+    assert found.batch_invariant == found.batching.invariant == (found.batching.differed == ())
+    for check, what in ((found.chunking, "in pieces give"), (found.batching, "batched with others give")):
+        assert (f"{what} identical bits" in found.describe()) == check.invariant
+
+
+@pytest.mark.skipif(
+    platform.backend() != "cpu" or sys.platform != "linux" or "LD_PRELOAD" in os.environ,
+    reason="MLX's Linux CPU wheel, with its own reference BLAS",
+)
+def test_the_linux_cpu_wheel_is_batch_invariant(loaded_qwen3):
+    found = probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
+    assert found.batch_invariant and found.batching.max_abs_diff == 0.0
 
 
 @pytest.mark.skipif(
@@ -102,7 +113,8 @@ def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path
         found = probe(loaded.model, loaded.vocab_size)
         engine = Engine(loaded, EngineConfig(block=8))
         print(json.dumps({{"invariant": found.chunk_invariant, "differed": found.chunking.differed,
-                          "max_abs_diff": found.chunking.max_abs_diff, "recompute": engine.recompute_blocks}}))
+                          "max_abs_diff": found.chunking.max_abs_diff, "recompute": engine.recompute_blocks,
+                          "batch_invariant": found.batch_invariant}}))
         """
     )
     env = {**os.environ, "LD_PRELOAD": str(OPENBLAS), "LD_LIBRARY_PATH": str(_library_dir(tmp_path))}
@@ -114,3 +126,5 @@ def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path
     # On the tiny model only the vocabulary projection (the widest product) differs.
     assert not out["invariant"] and "logits" in out["differed"] and out["max_abs_diff"] > 0
     assert out["recompute"] is True
+    # Rows batched beside another are products over more rows too: the probe sees that as well.
+    assert out["batch_invariant"] is False

@@ -259,7 +259,9 @@ class SessionStore:
     ):
         """`cap_name` is what messages call the cap (a daemon names its own setting)."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-            raise InvalidArgumentError(f"{cap_name}={max_bytes!r}: the store's size cap must be a positive number of bytes")
+            raise InvalidArgumentError(
+                f"{cap_name}={max_bytes!r}: the store's size cap must be a positive number of bytes"
+            )
         self.directory = Path(directory) if directory is not None else default_store_dir()
         self.max_bytes = max_bytes
         self.cap_name = cap_name

@@ -81,7 +81,8 @@ def store_files(directory) -> list[str]:
 
 async def budget_for_one_session(loaded, sock_dir) -> int:
     """A memory budget with room for one full session cache and a half (see test_daemon's budget test)."""
-    async with running_daemon(make_config("unused", sock_dir / "measure", memory_budget_bytes=1 << 30), loaded=loaded) as d:
+    config = make_config("unused", sock_dir / "measure", memory_budget_bytes=1 << 30)
+    async with running_daemon(config, loaded=loaded) as d:
         memory = d.core.stats()["memory"]
         info = d.engine.model_info()
     full = info["kv_bytes_per_token"] * (info["sink"] + info["window"] + info["block"])

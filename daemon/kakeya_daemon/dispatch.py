@@ -290,7 +290,8 @@ class Dispatcher:
 
     async def _restore_session(self, conn: Connection, rid: int, params: dict) -> dict:
         result = await self.core.restore_session(params["name"])
-        log.info("conn %d: saved session %s restored as session %s", conn.number, quote(params["name"]), result["session_id"])
+        name, sid = quote(params["name"]), result["session_id"]
+        log.info("conn %d: saved session %s restored as session %s", conn.number, name, sid)
         return result
 
     async def _delete_saved(self, conn: Connection, rid: int, params: dict) -> dict:

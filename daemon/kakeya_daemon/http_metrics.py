@@ -22,7 +22,7 @@ def render_metrics(stats: dict, meters: HttpMeters, pooled: int, pool_max: int) 
     )
     out.add_value("kakeya_sessions_stored", "gauge", "Sessions in the session store only.", sessions["stored"])
     store = stats["store"]
-    out.add_value("kakeya_store_bytes", "gauge", "Bytes in the session store (store_max_bytes caps them).", store["bytes"])
+    out.add_value("kakeya_store_bytes", "gauge", "Bytes in the session store (store_max_bytes).", store["bytes"])
     out.add(
         "kakeya_store_sessions_total",
         "counter",

@@ -75,10 +75,11 @@ class Residency:
         """(why it was closed, for later requests; the eviction kind; why it was spilled, for the log)."""
         g = self.governor
         if limit == "idle_ttl_s":
-            return f"closed after idle_ttl_s={g.idle_ttl_s:g} without use", "idle", f"unused for idle_ttl_s={g.idle_ttl_s:g}"
+            ttl = f"idle_ttl_s={g.idle_ttl_s:g}"
+            return f"closed after {ttl} without use", "idle", f"unused for {ttl}"
         if limit == "max_sessions" and pooled:
-            why = f"closed (an idle pooled HTTP session, least recently used) to make room under max_sessions={g.max_sessions}"
-            return why, "pooled", ""
+            why = "closed (an idle pooled HTTP session, least recently used) to make room under "
+            return why + f"max_sessions={g.max_sessions}", "pooled", ""
         room = f"make room under max_sessions={g.max_sessions}" if limit == "max_sessions" else (
             f"keep the sessions within memory_budget_bytes={g.budget_bytes}"
         )
@@ -186,7 +187,7 @@ class Residency:
         """
         moving = [e.moving for e in self.registry.entries.values() if e.moving is not None]
         if moving:
-            await asyncio.wait(moving, timeout=self.stored.settings.stop_save_s or None)
+            await asyncio.wait(moving, timeout=self.stored.settings.stop_save_s)
         live = [e for e in self.registry.entries.values() if e.state == RESIDENT and not e.pooled]
         live.sort(key=lambda e: e.last_used, reverse=True)
         await self.stored.save_at_stop(live)

@@ -92,7 +92,9 @@ class Daemon:
             store_settings = _store_settings(c)
             store, self._store_lock, unavailable = open_store(store_settings)
             if store is None and (c.eviction == "spill" or c.stop_save_s > 0):
-                log.warning("no session store (%s): sessions leaving memory are closed, none is saved at a stop", unavailable)
+                log.warning(
+                    "no session store (%s): sessions leaving memory are closed, none is saved at a stop", unavailable
+                )
             self.engine = Engine(
                 loaded,
                 EngineConfig(

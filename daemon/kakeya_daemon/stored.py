@@ -73,6 +73,8 @@ def open_store(settings: StoreSettings) -> tuple[Optional[SessionStore], Optiona
         store = SessionStore(settings.directory, settings.max_bytes, cap_name="store_max_bytes")
     except StoreError as exc:
         return None, None, exc.message
+    except OSError as exc:  # e.g. a parent directory this user may not enter
+        return None, None, f"cannot use session store directory {settings.directory}: {exc.strerror or exc}"
     lock = StoreLock(store.directory)
     try:
         lock.acquire()
@@ -141,7 +143,8 @@ class StoredSessions:
                 entry.stored = StoredInfo(info, nbytes, stored_at)
         if found:
             log.info(
-                "the session store %s holds %d session(s) from before (%d bytes); each is restored on its first request",
+                "the session store %s holds %d session(s) from before (%d bytes); "
+                "each is restored on its first request",
                 self.store.directory,
                 len(found),
                 sum(f[1] for f in found),
@@ -183,7 +186,7 @@ class StoredSessions:
             message = exc.message if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
             self.counters.store["spill_failures"] += 1
             if not forced:
-                log.warning("session %s stays in memory: it could not be written to the session store: %s", sid, message)
+                log.warning("session %s stays in memory: writing it to the session store failed: %s", sid, message)
                 return False
             self.registry.remove(sid, f"{lost_why}, and writing it to the session store failed ({message}): it is lost")
             self.counters.store["lost"] += 1
@@ -253,7 +256,8 @@ class StoredSessions:
         for name in names:
             entry = self.registry.entries.get(name)
             if entry is not None and entry.state == STORED:
-                self.registry.remove(name, f"removed from the session store (least recently used) to keep it under {cap}")
+                why = f"removed from the session store (least recently used) to keep it under {cap}"
+                self.registry.remove(name, why)
             self.counters.store["removed"] += 1
             log.info("%s removed from the session store (least recently used) to keep it under %s", name, cap)
 
@@ -268,7 +272,8 @@ class StoredSessions:
             log.info("%d session(s) end with the daemon (%s)", len(live), why)
             return
         bound = self.settings.stop_save_s
-        log.info("saving %d session(s) to the session store %s (at most stop_save_s=%g)", len(live), self.store.directory, bound)
+        where = self.store.directory
+        log.info("saving %d session(s) to the session store %s (at most stop_save_s=%g)", len(live), where, bound)
         t0 = time.monotonic()
         saved, nbytes, unsaved = 0, 0, []
         for entry in live:
@@ -295,7 +300,10 @@ class StoredSessions:
         log.info("saved %d session(s), %d bytes, in %.2fs", saved, nbytes, time.monotonic() - t0)
         if unsaved:
             log.warning(
-                "%d session(s) not saved (stop_save_s=%g ran out, or saving failed): %s", len(unsaved), bound, ", ".join(unsaved)
+                "%d session(s) not saved (stop_save_s=%g ran out, or saving failed): %s",
+                len(unsaved),
+                bound,
+                ", ".join(unsaved),
             )
 
     # ---- named saves -------------------------------------------------------

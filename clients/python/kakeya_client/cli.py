@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("action", nargs="*", metavar="ACTION", help="save SESSION NAME | restore NAME | delete NAME")
     p.add_argument(
-        "--json", action="store_true", help="print the daemon's reply as JSON (listing: {'sessions': [...], 'saved': [...]})"
+        "--json",
+        action="store_true",
+        help="print the daemon's reply as JSON (listing: {'sessions': [...], 'saved': [...]})",
     )
     p.set_defaults(func=cmd_sessions)
 

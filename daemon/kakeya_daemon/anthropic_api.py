@@ -9,6 +9,8 @@ kakeya_protocol.params give the defaults, as for every front). Replies are built
 produced (text, parsed tool calls, the engine's stop reason, token counts), and
 `MessageStream` turns a generation's pieces into Anthropic's exact SSE event sequence.
 Errors use Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}.
+Longer than most modules: it is a whole API's mapping (requests, replies, stream
+events), kept apart from the HTTP handlers so it can be tested without a server.
 """
 
 import json

@@ -27,6 +27,7 @@ from . import openai_api as api
 from .admission import Refusal
 from .anthropic_api import AnthropicError
 from .core import DaemonCore, GenerationRequest, Turn
+from .counters import HttpMeters
 from .http_metrics import CONTENT_TYPE, render_metrics
 from .http_pool import Checkout, SessionPool
 
@@ -120,7 +121,7 @@ class Generation:
     endpoint: str
     record: _Record
     evicted: int  # tokens of the conversation out of the model's view, so far
-    meters: object
+    meters: HttpMeters
     first_token_at: Optional[float] = None
     _events: Optional[AsyncIterator] = field(default=None, repr=False)
 

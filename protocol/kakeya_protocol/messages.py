@@ -1,4 +1,8 @@
-"""Message shapes: requests (strictly validated), replies, errors and streamed events."""
+"""Message shapes: requests (strictly validated), replies, errors and streamed events.
+
+Longer than most modules: every method's parameters and every event's data are
+checked here, in one place, so the whole wire contract reads as one set of rules.
+"""
 
 import difflib
 from dataclasses import dataclass

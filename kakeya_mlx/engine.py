@@ -41,9 +41,9 @@ from .scheduler import Scheduler, SchedulerConfig
 from .session import Session, prefill_piece
 from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
 from .store import SavedSession, SessionStore
+from .toolcalls import ModelTools
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
-MAX_TOP_LOGPROBS = 20
 log = logging.getLogger("kakeya.engine")
 
 
@@ -154,6 +154,7 @@ class Engine:
         self._thread = ComputeThread(scheduler)
         self._constrainer_instance: Optional[Constrainer] = None
         self._constrainer_lock = threading.Lock()
+        self._tools: Optional[ModelTools] = None
         self._started = False
         self._fingerprint: Optional[dict] = None
 
@@ -222,6 +223,26 @@ class Engine:
         if not continuation:
             return chat.render(self.loaded.tokenizer, messages, add_generation_prompt)
         return chat.after_closed_turn(self.loaded.tokenizer, messages, add_generation_prompt)
+
+    def render_chat(self, messages: list[dict], tools: list) -> str:
+        """A whole conversation, tool calls and results included, with `tools` offered (toolcalls.py)."""
+        self._check_chat_template()
+        return self.tools().render(messages, tools)
+
+    def tools(self) -> ModelTools:
+        """The model's tool calling (its call format, read from the chat template once)."""
+        if self._tools is None:
+            self._tools = ModelTools(self.loaded.tokenizer, self.loaded.chat_template)
+        return self._tools
+
+    async def token_bytes(self, token_ids: list[int]) -> list[bytes]:
+        """Each token's own bytes, exact even where a token holds part of a character."""
+        if self._constrainer_instance is None:
+            try:
+                await asyncio.to_thread(self._constrainer)
+            except InvalidArgumentError:  # no tokenizer.json to read exact bytes from
+                return [self.loaded.tokenizer.decode([t]).encode("utf-8") for t in token_ids]
+        return self._constrainer_instance.token_bytes(token_ids)
 
     def _check_chat_template(self) -> None:
         if not self.loaded.chat_template:
@@ -465,8 +486,9 @@ class Engine:
         k = num_draft_tokens or session.num_draft_tokens or self.spec.num_draft_tokens
         if not isinstance(logprobs, bool):
             raise InvalidArgumentError(f"logprobs={str(logprobs)[:40]!r}: must be a boolean")
-        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidArgumentError(f"top_logprobs={str(top_logprobs)[:40]!r}: must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        problem = rules.explain("top_logprobs", top_logprobs)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
         if top_logprobs and not logprobs:
             raise InvalidArgumentError("top_logprobs needs logprobs=true")
         return GenerateRequest(

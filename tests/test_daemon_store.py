@@ -120,6 +120,22 @@ async def test_an_idle_session_is_spilled_and_its_next_generate_restores_it_exac
         await client.close()
 
 
+async def test_a_restoring_generate_streams_its_log_probabilities_and_says_it_restored(endless, sock_dir):
+    [[*_, expected]] = await reference(endless, sock_dir, [(BEFORE + [("generate", 12)], 4)])
+    config = make_config("unused", sock_dir, idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    async with running_daemon(config, loaded=endless) as d:
+        client = await RawClient.connect(d.socket_path)
+        sid = (await client.result("create_session"))["session_id"]
+        await run(client, sid, BEFORE, 4)
+        await wait_state(client, sid, "stored")
+        frames = await client.generate(session_id=sid, max_tokens=12, logprobs=True, top_logprobs=2)
+        data = [f["data"] for f in frames if f.get("event") == "tokens"]
+        assert [t for x in data for t in x["tokens"]] == expected
+        assert all(len(x["logprobs"]) == len(x["top_logprobs"]) == len(x["tokens"]) for x in data)
+        assert done_of(frames)["restored"]["stored_bytes"] > 0
+        await client.close()
+
+
 async def test_memory_pressure_spills_the_least_recently_used_and_each_comes_back_exactly(endless, sock_dir):
     expected = await reference(endless, sock_dir, [(BEFORE + AFTER, 1), (BEFORE + AFTER, 2)])
     budget = await budget_for_one_session(endless, sock_dir)

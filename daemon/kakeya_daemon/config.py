@@ -132,10 +132,10 @@ class DaemonConfig:
         "back after the restart); 0 = sessions end with the daemon",
     )
     log_level: str = _opt("info", "log verbosity: debug, info, warning or error")
-    http_host: str = _opt("127.0.0.1", "OpenAI-compatible HTTP front: address to listen on (keep it on loopback "
+    http_host: str = _opt("127.0.0.1", "HTTP front (OpenAI and Anthropic APIs): address to listen on (keep it on loopback "
                           "unless API keys are set)")
-    http_port: int = _opt(0, "OpenAI-compatible HTTP front: TCP port; 0 = off (the front is off by default)")
-    http_socket: str = _opt("", "OpenAI-compatible HTTP front: Unix socket path; empty = off")
+    http_port: int = _opt(0, "HTTP front (OpenAI and Anthropic APIs): TCP port; 0 = off (the front is off by default)")
+    http_socket: str = _opt("", "HTTP front (OpenAI and Anthropic APIs): Unix socket path; empty = off")
     http_api_keys: str = _opt("", "comma-separated bearer keys the HTTP front requires; empty = no auth")
     http_max_body_bytes: int = _opt(1 << 20, "largest HTTP request body (bigger ones get 413)", kind="size")
     http_max_sessions: int = _opt(
@@ -143,6 +143,11 @@ class DaemonConfig:
     )
     http_max_connections: int = _opt(64, "HTTP connections open at once; more get 503")
     http_keepalive_s: float = _opt(75.0, "how long an idle HTTP keep-alive connection stays open")
+    http_cors_origins: str = _opt(
+        "",
+        "comma-separated browser origins (e.g. http://localhost:3000) allowed to call the HTTP front, * for any; "
+        "a request from any other origin gets 403; empty = none (CORS off)",
+    )
 
     def socket_path(self) -> Path:
         """The socket to serve: the configured path, else the platform default."""

@@ -47,23 +47,37 @@ def done_data(done: DoneEvent) -> dict:
     return data
 
 
-def event_frames(request_id: int, events: list, restored: Optional[dict] = None) -> list[dict]:
+def event_frames(
+    request_id: int,
+    events: list,
+    logprobs: bool = False,
+    top_logprobs: bool = False,
+    restored: Optional[dict] = None,
+) -> list[dict]:
     """Event frames for a batch of engine events, merging runs of tokens into one frame.
 
-    `restored`: the done event's "restored" map, when the turn restored its session first.
+    With `logprobs` (and `top_logprobs`) a tokens event carries each token's log
+    probability (and its alternatives as [token id, logprob] pairs); nil for a token
+    that has none (re-tokenized before a stop string). `restored`: the done event's
+    "restored" map, when the turn restored its session first.
     """
-    frames, tokens, text = [], [], []
+    frames, run = [], []
 
     def flush_tokens():
-        if tokens:
-            frames.append(make_event(request_id, "tokens", {"tokens": list(tokens), "text": "".join(text)}))
-            tokens.clear()
-            text.clear()
+        if run:
+            data = {"tokens": [ev.token_id for ev in run], "text": "".join(ev.text for ev in run)}
+            if logprobs:
+                data["logprobs"] = [ev.logprob for ev in run]
+            if top_logprobs:
+                data["top_logprobs"] = [
+                    None if ev.top_logprobs is None else [[t, lp] for t, lp in ev.top_logprobs] for ev in run
+                ]
+            frames.append(make_event(request_id, "tokens", data))
+            run.clear()
 
     for ev in events:
         if isinstance(ev, TokenEvent):
-            tokens.append(ev.token_id)
-            text.append(ev.text)
+            run.append(ev)
             continue
         flush_tokens()
         if isinstance(ev, TruncatedEvent):
@@ -236,7 +250,8 @@ class Dispatcher:
                 batch = pending[:]
                 pending.clear()
                 done = next((e for e in batch if isinstance(e, DoneEvent)), None)
-                for frame in event_frames(request_id, batch, turn.restored):
+                r = turn.request
+                for frame in event_frames(request_id, batch, r.logprobs, r.top_logprobs > 0, turn.restored):
                     await conn.send(frame)
         finally:
             pump_task.cancel()

@@ -204,6 +204,7 @@ def _http_options(c: DaemonConfig) -> HttpOptions:
         max_body_bytes=c.http_max_body_bytes,
         max_sessions=c.http_max_sessions,
         frame_timeout_s=c.frame_timeout_s,
+        cors_origins=tuple(o.strip() for o in c.http_cors_origins.split(",") if o.strip()),
     )
 
 

@@ -260,7 +260,9 @@ class AsyncSession(SessionHandle):
         """Stream a turn's events (`async for`): TokensEvent, TruncatedEvent, and always a final DoneEvent.
 
         params: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-        seed, stop (None values take the daemon's defaults). `timeout` bounds the
+        frequency_penalty, presence_penalty, seed, stop, constraint (e.g.
+        {"type": "json_schema", "schema": {...}}), logprobs, top_logprobs (None
+        values take the daemon's defaults; see protocol/SPEC.md). `timeout` bounds the
         wait for each event. Leaving the loop early cancels the generation.
         """
         return AsyncGenerateStream(self, generate_params(self.id, params), timeout)

@@ -10,10 +10,17 @@ from .errors import KakeyaError, error_from
 
 @dataclass(frozen=True)
 class TokensEvent:
-    """New tokens and the text they completed ("" while a character or a possible stop string is pending)."""
+    """New tokens and the text they completed ("" while a character or a possible stop string is pending).
+
+    When the generate asked for them: `logprobs`, each token's log probability (None for
+    a token the model did not choose: re-tokenized before a stop string), and
+    `top_logprobs`, each token's likeliest alternatives as (token id, log probability).
+    """
 
     tokens: list[int]
     text: str
+    logprobs: Optional[list] = None
+    top_logprobs: Optional[list] = None
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,10 @@ def event_from(message: EventMessage) -> Optional[Event]:
     """The typed event, or None for an event this client does not know (a newer daemon's)."""
     data = message.data
     if message.event == "tokens":
-        return TokensEvent(list(data["tokens"]), data["text"])
+        top = data.get("top_logprobs")
+        if top is not None:
+            top = [None if pairs is None else [(t, lp) for t, lp in pairs] for pairs in top]
+        return TokensEvent(list(data["tokens"]), data["text"], data.get("logprobs"), top)
     if message.event == "truncated":
         return TruncatedEvent(data["evicted"], data["total_evicted"])
     if message.event == "done":

@@ -12,6 +12,7 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -26,7 +27,7 @@ from .decode import GenerateRequest, Generation
 from .errors import BusyError, InvalidArgumentError, NotFoundError
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
-from .probe import probe
+from .probe import ProbeResult, model_fingerprint, probe, probe_cached
 from .rope import layer_shifters
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -61,6 +62,9 @@ class EngineConfig:
     # draft (needs a draft model); and the most tokens drafted per step.
     speculative: str = "auto"
     num_draft_tokens: int = 4
+    # Folder where the probe's result is kept for the next start with the same model
+    # and kernels (probe.probe_cached); None probes every time and keeps nothing.
+    probe_cache_dir: Optional[str] = None
 
     def cache_shape(self, max_positions: int) -> CacheShape:
         """Resolve the cache sizes against the model's trained range."""
@@ -108,9 +112,10 @@ class Engine:
             draft=DraftModel(draft, self.shape) if draft is not None else None,
         )
         if config.recompute_blocks is None:
-            found = probe(loaded.model, loaded.vocab_size)
+            found, reused = self._probe()
             self.recompute_blocks = not found.chunk_invariant
-            log.info("%s: recompute_blocks=%s", found.describe(), self.recompute_blocks)
+            kept = " (kept from an earlier start)" if reused else ""
+            log.info("%s%s: recompute_blocks=%s", found.describe(), kept, self.recompute_blocks)
         else:
             self.recompute_blocks = config.recompute_blocks
             log.info("recompute_blocks=%s, as configured (not probed)", self.recompute_blocks)
@@ -132,6 +137,14 @@ class Engine:
         self._constrainer_instance: Optional[Constrainer] = None
         self._constrainer_lock = threading.Lock()
         self._started = False
+
+    def _probe(self) -> tuple[ProbeResult, bool]:
+        """What the backend keeps bit-identical on this model (probe.py): kept from an earlier start, else measured."""
+        m = self.loaded
+        if self.config.probe_cache_dir is None:
+            return probe(m.model, m.vocab_size), False
+        key = model_fingerprint(m.path, m.config, m.dtype)
+        return probe_cached(m.model, m.vocab_size, key, Path(self.config.probe_cache_dir))
 
     # ---- lifecycle -------------------------------------------------------
 

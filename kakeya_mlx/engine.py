@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from kakeya_protocol import params as rules
 
-from . import chat
+from . import chat, platform
 from .cache import CacheShape
 from .compute import ComputeThread
 from .constrain import Constraint, Constrainer
@@ -177,6 +177,7 @@ class Engine:
             "path": str(m.path),
             "model_type": m.model_type,
             "dtype": m.dtype,
+            "backend": platform.backend(),
             "vocab_size": m.vocab_size,
             "num_layers": m.num_layers,
             "max_position_embeddings": m.max_position_embeddings,

@@ -128,6 +128,7 @@ def probe_cached(model: nn.Module, vocab_size: int, model_key: str, folder: Path
         return found, True
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not probed yet (or an unreadable file): probe now
+    log.info("probing whether this backend computes a block the same at once and in pieces (once per model)")
     found = probe(model, vocab_size)
     try:
         _store(folder, file, {"backend": found.backend, "chunking": asdict(found.chunking)})

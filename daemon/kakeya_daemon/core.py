@@ -76,6 +76,7 @@ class DaemonCore:
         """Measure what the memory budget needs (only when there is one) and start the sweeper."""
         engine = self.engine
         if self.limits.memory_budget_bytes is not None:
+            log.info("measuring a forward pass's working memory for memory_budget_bytes")
             shape = MemoryShape(
                 engine.weights_bytes(), await engine.measure_working_bytes(), engine.full_session_kv_bytes()
             )

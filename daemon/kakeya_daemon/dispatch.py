@@ -89,6 +89,7 @@ class Dispatcher:
             "shutdown": self._shutdown,
         }
         self.on_shutdown = None  # set by the daemon: called once a shutdown request is answered
+        self.http_urls: list[str] = []  # set by the daemon when the HTTP front serves
 
     async def handle(self, conn: Connection, message: dict, size: int) -> None:
         """One frame from `conn`, in arrival order."""
@@ -145,6 +146,7 @@ class Dispatcher:
                     "max_requests_per_connection": c.max_requests_per_connection,
                     "frame_timeout_s": c.frame_timeout_s,
                 },
+                "http": {"enabled": bool(self.http_urls), "urls": list(self.http_urls)},
             },
         )
 

@@ -56,6 +56,7 @@ class LoadedModel:
     name: str  # shown to users: the repo id, the folder name, or the default model's name
     path: Path
     config: dict  # config.json as written
+    generation_config: dict  # generation_config.json as written ({} when there is none)
     model_type: str
     eos_token_ids: list[int]
     chat_template: str | None
@@ -116,6 +117,7 @@ def load_model(
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
 
+    generation_config = _generation_config(path)
     num_heads = int(config["num_attention_heads"])
     kv_dtype = _activation_dtype(model)
     quantization = config.get("quantization") or {}
@@ -125,8 +127,9 @@ def load_model(
         name=name,
         path=path,
         config=config,
+        generation_config=generation_config,
         model_type=model_type,
-        eos_token_ids=_eos_token_ids(path, config, tokenizer),
+        eos_token_ids=_eos_token_ids(config, generation_config, tokenizer),
         chat_template=_chat_template(tokenizer),
         dtype=f"q{quantization['bits']}" if "bits" in quantization else kv_dtype,
         kv_dtype=kv_dtype,
@@ -294,15 +297,26 @@ def _ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def _eos_token_ids(path: Path, config: dict, tokenizer) -> list[int]:
+def _generation_config(path: Path) -> dict:
+    """generation_config.json (end tokens, sampling defaults); {} when there is none or it is unreadable."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s: %s", file, e)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _eos_token_ids(config: dict, generation_config: dict, tokenizer) -> list[int]:
     """Every id that ends a turn: config.json's, generation_config.json's and the tokenizer's."""
     ids = set(_ids(config.get("eos_token_id"))) | set(tokenizer.eos_token_ids)
-    generation = path / "generation_config.json"
-    if generation.is_file():
-        try:
-            ids |= set(_ids(json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id")))
-        except (OSError, ValueError, TypeError, AttributeError) as e:
-            log.warning("ignoring unreadable %s: %s", generation, e)
+    try:
+        ids |= set(_ids(generation_config.get("eos_token_id")))
+    except (ValueError, TypeError) as e:
+        log.warning("ignoring generation_config.json's eos_token_id: %s", e)
     return sorted(ids)
 
 

@@ -144,7 +144,7 @@ def test_the_client_reads_a_reply_with_a_forced_tool_call(loaded_qwen3):
         {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"},
         {"role": "user", "content": "And tomorrow?"},
     ]
-    assert request.sampling.temperature == 1.0 and request.tool_choice.mode == "required"
+    assert request.params == {} and request.tool_choice.mode == "required"  # sampling: the defaults in force
 
 
 def test_the_client_accumulates_our_stream_events(loaded_qwen3):
@@ -324,7 +324,7 @@ def test_requests_map_to_engine_terms():
     )
     assert request.messages == [{"role": "system", "content": "One.\n\nTwo."}, {"role": "user", "content": "Say hi"}]
     assert request.prefill == "Hi"  # a final assistant message is continued
-    assert (request.sampling.temperature, request.sampling.top_p, request.sampling.top_k) == (0.0, 0.9, 5)
+    assert request.params == {"temperature": 0.0, "top_p": 0.9, "top_k": 5}
     assert request.stop_sequences == ["\n\n"] and request.max_tokens == 9
     assert request.tool_choice.mode == "auto" and not request.parallel_tool_calls
     assert request.constraint(HERMES) is None  # auto forces nothing

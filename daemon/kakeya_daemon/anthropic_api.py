@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from kakeya_mlx.constrain import check_json_schema
 from kakeya_mlx.errors import EngineError
-from kakeya_mlx.sampling import SamplingParams
 from kakeya_mlx.toolcalls import (
     TOOL_NAME,
     Tool,
@@ -39,8 +38,6 @@ ERROR_STATUS = {
     "internal": (500, "api_error"),
 }
 STOP_REASONS = {"eos": "end_turn", "max_tokens": "max_tokens", "stop_sequence": "stop_sequence"}
-# Anthropic's default sampling: temperature 1.0, no top-p / top-k cut.
-DEFAULT_TEMPERATURE = 1.0
 
 
 class AnthropicError(Exception):
@@ -73,7 +70,9 @@ class MessagesRequest:
     tool_choice: ToolChoice
     parallel_tool_calls: bool
     max_tokens: int | None  # None only for count_tokens
-    sampling: SamplingParams
+    # The request's own sampling fields as wire-style generate params (temperature, top_p, top_k):
+    # the daemon core fills the rest with the defaults in force, as for every front.
+    params: dict
     stop_sequences: list[str]
     stream: bool
     prefill: str | None = None  # a final assistant message: the reply continues this text
@@ -128,7 +127,7 @@ def _parse(body: object, count_only: bool) -> MessagesRequest:
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
         max_tokens=max_tokens,
-        sampling=SamplingParams() if count_only else _sampling(body),
+        params={} if count_only else _sampling(body),
         stop_sequences=[] if count_only else _stop_sequences(body.get("stop_sequences")),
         stream=stream,
         prefill=prefill,
@@ -153,18 +152,15 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
     return float(value)
 
 
-def _sampling(body: dict) -> SamplingParams:
-    temperature = _number(body, "temperature", 0.0, 1.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    top_k = body.get("top_k")
+def _sampling(body: dict) -> dict:
+    """The body's sampling fields that are given, as wire-style params; absent ones take the defaults in force."""
+    params = {"temperature": _number(body, "temperature", 0.0, 1.0), "top_k": body.get("top_k")}
+    top_k, top_p = params["top_k"], _number(body, "top_p", 0.0, 1.0)
     if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise _bad("top_k", "must be an integer >= 0")
-    return SamplingParams(
-        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
-        # top_p 0 keeps only the most likely token, as top_p -> 0 does; the engine needs it > 0.
-        top_p=1.0 if top_p is None else max(top_p, 1e-9),
-        top_k=top_k or 0,
-    )
+    if top_p is not None:
+        params["top_p"] = max(top_p, 1e-9)  # top_p 0 keeps only the likeliest token, as top_p -> 0 does
+    return {name: value for name, value in params.items() if value is not None}
 
 
 def _stop_sequences(value: object) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Optional
 
 from kakeya_mlx.engine import Engine
 from kakeya_mlx.errors import BusyError, NotFoundError
+from kakeya_protocol import params as rules
 from kakeya_protocol.quote import quote
 
 from .admission import Admission, Refusal
@@ -66,6 +67,10 @@ class DaemonCore:
             limits.max_queued_generations,
         )
         self.governor = Governor(MemoryShape(0, 0, 0), limits.memory_budget_bytes, limits.max_sessions, limits.idle_ttl_s)
+        model, dropped = rules.model_sampling(engine.loaded.generation_config)
+        for why in dropped:
+            log.warning("ignoring %s in %s", why, engine.loaded.path / "generation_config.json")
+        self.sampling_defaults, self.sampling_sources = rules.sampling_defaults(model)
         self.stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: Optional[asyncio.Task] = None
@@ -233,6 +238,18 @@ class DaemonCore:
         return await self.engine.detokenize(tokens)
 
     # ---- turns -----------------------------------------------------------
+
+    def generation_request(self, params: dict) -> GenerationRequest:
+        """A generate's settings from its checked wire-style params, the defaults in force filling the gaps."""
+        return GenerationRequest.from_params(params, self.engine.config.max_new_tokens, self.sampling_defaults)
+
+    def generation_defaults(self) -> dict:
+        """What a generate that leaves a field out gets, and where each value comes from ("model" or "default")."""
+        return {
+            "max_tokens": rules.default_max_tokens(self.engine.config.max_new_tokens),
+            **self.sampling_defaults,
+            "sources": dict(self.sampling_sources),
+        }
 
     def open_turn(self, lease: Lease, request: GenerationRequest) -> Turn:
         """Accept a generate on the leased session; `start()` it, iterate it, and `close()` it when done."""

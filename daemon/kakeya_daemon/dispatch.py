@@ -18,7 +18,7 @@ from kakeya_protocol.quote import quote
 
 from .config import DaemonConfig
 from .connection import Connection
-from .core import DaemonCore, GenerationRequest, Turn
+from .core import DaemonCore, Turn
 from .registry import Lease
 
 log = logging.getLogger("kakeya.daemon")
@@ -136,6 +136,7 @@ class Dispatcher:
                 "protocol": PROTOCOL_VERSION,
                 "server": f"kakeya-mlx/{__version__}",
                 "model": self.core.engine.model_info(),
+                "generation_defaults": self.core.generation_defaults(),
                 "limits": {
                     "max_frame_bytes": c.max_frame_bytes,
                     "max_sessions": c.max_sessions,
@@ -173,7 +174,7 @@ class Dispatcher:
         """Lease the session and register the turn now; its task starts, streams and ends it."""
         lease = self.core.lease(params["session_id"], f"conn {conn.number} request {request_id}")
         try:
-            turn = self.core.open_turn(lease, GenerationRequest.from_params(params, self.config.max_new_tokens))
+            turn = self.core.open_turn(lease, self.core.generation_request(params))
         except BaseException:
             lease.release()
             raise

@@ -17,19 +17,22 @@ from typing import Optional
 
 from aiohttp import web
 
+from kakeya_mlx import __version__
 from kakeya_mlx.errors import EngineError
 from kakeya_mlx.events import DoneEvent, TokenEvent
 from kakeya_protocol.quote import quote
 
 from . import openai_api as api
 from .admission import Refusal
-from .core import DaemonCore, GenerationRequest, Turn
+from .core import DaemonCore, Turn
 from .http_metrics import CONTENT_TYPE, render_metrics
 from .http_pool import Checkout, SessionPool
 
 log = logging.getLogger("kakeya.http")
 
-ENDPOINTS = "GET /v1/models, POST /v1/chat/completions, POST /v1/completions"
+ENDPOINTS = "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /info"
+# Seconds a client told 429 (busy, or no generation slot or memory) waits before retrying.
+RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -56,7 +59,7 @@ class HttpOptions:
 
 
 def error_response(error: api.ApiError) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_S)}}.get(error.status)
     return web.json_response(error.body(), status=error.status, headers=headers, dumps=api.dumps)
 
 
@@ -68,7 +71,7 @@ def from_engine(exc: EngineError, param=None) -> api.ApiError:
 
 def from_http(exc: web.HTTPException, method: str, max_body_bytes: int) -> api.ApiError:
     if exc.status == 413:
-        return api.ApiError(413, f"request body exceeds max_body_bytes={max_body_bytes}", code="request_too_large")
+        return api.ApiError(413, f"request body exceeds http_max_body_bytes={max_body_bytes}", code="request_too_large")
     if exc.status == 404:
         return api.ApiError(404, f"no such endpoint; see {ENDPOINTS}", code="not_found")
     if exc.status == 405:
@@ -150,7 +153,7 @@ class OpenAIFront:
         limit = self.options.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise api.ApiError(
-                413, f"request body of {request.content_length} bytes exceeds max_body_bytes={limit}",
+                413, f"request body of {request.content_length} bytes exceeds http_max_body_bytes={limit}",
                 code="request_too_large",
             )
         try:
@@ -181,6 +184,25 @@ class OpenAIFront:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name})
+
+    async def info(self, request: web.Request) -> web.Response:
+        """The model, the generation defaults in force and the limits (the socket's `hello` says the same)."""
+        limits = self.core.limits
+        return web.json_response(
+            {
+                "server": f"kakeya-mlx/{__version__}",
+                "model": self.core.engine.model_info(),
+                "generation_defaults": self.core.generation_defaults(),
+                "limits": {
+                    "max_new_tokens": self.max_new_tokens,
+                    "max_sessions": limits.max_sessions,
+                    "max_concurrent_generations": limits.max_concurrent_generations,
+                    "http_max_body_bytes": self.options.max_body_bytes,
+                    "http_max_sessions": self.options.max_sessions,
+                },
+            },
+            dumps=api.dumps,
+        )
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": int(self.started_at), "owned_by": "kakeya-mlx"}
@@ -223,7 +245,7 @@ class OpenAIFront:
     async def _complete(self, request, endpoint, body, params, text, tokens, add_special) -> web.StreamResponse:
         stream, include_usage = api.stream_options(body)
         self.core.refuse_if_stopping()
-        generation = GenerationRequest.from_params(params, self.max_new_tokens)
+        generation = self.core.generation_request(params)
         record = _RECORD.get()
         holder = f"http {record.number} ({request.method} {endpoint})"
         checkout = await self.pool.checkout(text, tokens, add_special, holder)

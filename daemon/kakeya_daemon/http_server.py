@@ -153,6 +153,7 @@ class HttpServer:
             middlewares=[self._bounds, front.middleware], client_max_size=front.options.max_body_bytes
         )
         app.router.add_get("/healthz", front.healthz)
+        app.router.add_get("/info", front.info)
         app.router.add_get("/metrics", front.metrics)
         app.router.add_get("/v1/models", front.list_models)
         app.router.add_get("/v1/models/{model}", front.get_model)

@@ -35,10 +35,16 @@ class GenerationRequest:
     stop: tuple[str, ...]
 
     @classmethod
-    def from_params(cls, params: Mapping, max_new_tokens: int) -> "GenerationRequest":
-        """From checked wire-style params (max_tokens, temperature, ..., stop); absent or None takes the default."""
+    def from_params(
+        cls, params: Mapping, max_new_tokens: int, sampling_defaults: Optional[Mapping] = None
+    ) -> "GenerationRequest":
+        """From checked wire-style params (max_tokens, temperature, ..., stop); absent or None takes the default.
+
+        Sampling follows `rules.resolve_sampling`: the request's fields, else `sampling_defaults`
+        (the model's and the documented ones, see DaemonCore), else the engine's (off).
+        """
         max_tokens = params.get("max_tokens")
-        sampling = {k: params[k] for k in rules.SAMPLING_NAMES if params.get(k) is not None}
+        sampling = rules.resolve_sampling(dict(params), dict(sampling_defaults or {}))
         return cls(
             max_tokens if max_tokens is not None else rules.default_max_tokens(max_new_tokens),
             SamplingParams(**sampling),

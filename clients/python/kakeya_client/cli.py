@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from kakeya_protocol import SOCKET_ENV, default_socket_path
+from kakeya_protocol import params as rules
 
 from .client import Client, GenerateStream, Session
 from .errors import ConnectionFailed, KakeyaError
@@ -65,14 +66,22 @@ def _client_options(timeout: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def _sampling_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("generation")
+    group = parent.add_argument_group(
+        "generation",
+        description=(
+            "Left out, a setting takes the model's own default (its generation_config.json), else the daemon's: "
+            + ", ".join(f"{name.replace('_', '-')} {value:g}" for name, value in rules.DEFAULT_SAMPLING.items())
+            + " (`kakeya status` shows those in force). --temperature 0 decodes greedily, with only the settings "
+            "given here."
+        ),
+    )
     add = group.add_argument
     add("--max-tokens", type=int, metavar="N", help="most tokens to generate (default: the daemon's, 256)")
-    add("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default: 0)")
-    add("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (default: 1)")
-    add("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens; 0 is off (default: 0)")
-    add("--min-p", type=float, metavar="P", help="drop tokens below P x the likeliest one's probability (default: 0)")
-    add("--repetition-penalty", type=float, metavar="X", help="penalize recently seen tokens; 1 is off (default: 1)")
+    add("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy")
+    add("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1]; 1 is off")
+    add("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens; 0 is off")
+    add("--min-p", type=float, metavar="P", help="drop tokens below P x the likeliest one's probability; 0 is off")
+    add("--repetition-penalty", type=float, metavar="X", help="penalize recently seen tokens; 1 is off")
     add("--seed", type=int, metavar="N", help="seed for sampling, for reproducible output")
     add("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (it is not printed); repeatable")
     return parent
@@ -536,7 +545,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps({"server": hello, "stats": stats}, indent=2))
         return 0
-    model, limits = hello.get("model", {}), hello.get("limits", {})
+    model, limits, http = hello.get("model", {}), hello.get("limits", {}), hello.get("http", {})
     sessions, gens, tokens = stats["sessions"], stats["generations"], stats["tokens"]
     memory, rates = stats["memory"], stats["tokens_per_s"]
     rejections = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("rejections", {}).items())) or "none"
@@ -548,6 +557,8 @@ def cmd_status(args) -> int:
         f"{model.get('num_layers')} layers, vocab {model.get('vocab_size')})",
         f"cache:       sink {model.get('sink')} + window {model.get('window')}, block {model.get('block')}, "
         f"{_size(model.get('kv_bytes_per_token', 0))} per token",
+        f"sampling:    {_defaults_text(hello.get('generation_defaults', {}))}",
+        f"http:        {', '.join(http.get('urls', [])) if http.get('enabled') else 'off'}",
         f"sessions:    {sessions['active']} of {sessions['max']} "
         f"(evicted: {sessions['evicted_idle']} idle, {sessions['evicted_lru']} for memory)",
         f"generations: {gens['active']} running of {limits.get('max_concurrent_generations', '?')}, "
@@ -606,6 +617,19 @@ def cmd_stop(args) -> int:
 
 
 # ---- formatting ------------------------------------------------------------
+
+
+def _defaults_text(defaults: dict) -> str:
+    """What a generate that leaves settings out gets, e.g. 'temperature 0.7, top_p 0.9 (model), ...'."""
+    if not defaults:
+        return "unknown (an older daemon)"
+    sources = defaults.get("sources", {})
+    parts = [
+        f"{name} {defaults[name]:g}" + (" (model)" if sources.get(name) == "model" else "")
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        if name in defaults
+    ]
+    return ", ".join(parts) + f"; max_tokens {defaults.get('max_tokens')}"
 
 
 def _size(n: float) -> str:

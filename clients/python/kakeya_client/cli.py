@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the daemon reported an error (or timed out), 2 usage error,
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ from kakeya_protocol import params as rules
 from .client import Client, GenerateStream, Session
 from .errors import ConnectionFailed, KakeyaError
 from .events import DoneEvent, TokensEvent
+from .progress import Spinner
+from .service import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from .service import add_parser as add_service_parser
 from .wire import CLIENT_VERSION
 
@@ -122,16 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "run",
-        parents=[timeout, sampling],
-        help="one-shot: start a private daemon, generate, stop it (nothing needs to be running)",
+        parents=[client, sampling],
+        help="one-shot: generate with the running daemon, else with a private one (nothing needs to be running)",
         description=(
-            "Start a private daemon on a temporary socket, show its progress while the model loads, "
-            "generate like `kakeya generate`, then shut the daemon down."
+            "Generate like `kakeya generate`, with the daemon that answers on the socket when it serves the model "
+            "asked for; else start a private daemon on a temporary socket, show its progress while the model "
+            "loads, generate, then shut it down. Which one is used is said on stderr."
         ),
     )
     p.add_argument(
         "--model",
-        help="model to load: a Hugging Face-layout folder, a hub repo id in the local cache, or smollm2 (default: the daemon's)",
+        help="model to use: a Hugging Face-layout folder, a GGUF file, a hub repo id, or smollm2 "
+        "(default: the running daemon's, else smollm2)",
     )
     _prompt_options(p)
     p.set_defaults(func=cmd_run)
@@ -271,12 +276,12 @@ def _generate(client: Client, args, prompt: str) -> int:
     try:
         if args.chat or args.system is not None:
             messages = [{"role": "system", "content": args.system}] if args.system is not None else []
-            session.append(messages=messages + [{"role": "user", "content": prompt}])
+            appended = session.append(messages=messages + [{"role": "user", "content": prompt}])
         else:
-            session.append(text=prompt)
+            appended = session.append(text=prompt)
         stream = session.generate(**_sampling(args))
         show = None if args.json else _print_text
-        text, tokens, interrupted = _consume(stream, show)
+        text, tokens, interrupted = _consume(stream, show, _prefill_spinner(appended))
         done = stream.done
     finally:
         with contextlib.suppress(KakeyaError):
@@ -295,12 +300,24 @@ def _print_text(text: str) -> None:
     sys.stdout.flush()
 
 
-def _consume(stream: GenerateStream, show) -> tuple[str, list[int], bool]:
-    """Read a stream to its done event; Ctrl-C cancels the generation and reads on to the end."""
+def _prefill_spinner(appended: dict) -> Spinner:
+    n = appended["appended"]
+    return Spinner(f"reading the prompt ({n} token{'s' if n != 1 else ''})")
+
+
+def _consume(stream: GenerateStream, show, spinner: Optional[Spinner] = None) -> tuple[str, list[int], bool]:
+    """Read a stream to its done event; Ctrl-C cancels the generation and reads on to the end.
+
+    `spinner` runs (on a terminal) until the first event: while the prompt is prefilled.
+    """
     chunks, tokens, interrupted = [], [], False
+    if spinner is not None:
+        spinner.start()
     while True:
         try:
             for event in stream:
+                if spinner is not None:
+                    spinner.stop()
                 if isinstance(event, TokensEvent):
                     chunks.append(event.text)
                     tokens.extend(event.tokens)
@@ -313,6 +330,9 @@ def _consume(stream: GenerateStream, show) -> tuple[str, list[int], bool]:
                 raise
             interrupted = True
             stream.cancel()
+        finally:
+            if spinner is not None:
+                spinner.stop()
     return "".join(chunks), tokens, interrupted
 
 
@@ -333,8 +353,51 @@ def _done_dict(done: Optional[DoneEvent]) -> Optional[dict]:
 
 def cmd_run(args) -> int:
     prompt = _read_prompt(args)
+    client = _running_daemon(args)
+    if client is not None:
+        with client:
+            return _generate(client, args, prompt)
+    if importlib.util.find_spec("kakeya_daemon") is None:
+        raise ConnectionFailed(
+            f"no kakeya daemon answers at {args.socket or default_socket_path()}, and none can be started here: "
+            f"the daemon (kakeya-mlx) is not installed for {sys.executable}; install it, or start a daemon elsewhere"
+        )
     with _private_daemon(args.model, args.timeout) as client:
         return _generate(client, args, prompt)
+
+
+def _running_daemon(args) -> Optional[Client]:
+    """A client of the daemon answering on the socket, when it serves the model asked for; else None (said why)."""
+    path = args.socket or default_socket_path()
+    try:
+        client = Client(args.socket, timeout=args.timeout)
+    except ConnectionFailed:
+        _say(f"no daemon answers at {path}; starting a private one (it stops when this run ends)")
+        return None
+    model = client.server_info.get("model", {})
+    if args.model is not None and not _serves(model, args.model):
+        client.close()
+        _say(
+            f"the daemon at {path} serves {model.get('name')}, not {args.model}; "
+            "starting a private one (it stops when this run ends)"
+        )
+        return None
+    _say(f"using the daemon at {path} ({model.get('name')})")
+    return client
+
+
+def _serves(model: dict, asked: str) -> bool:
+    """Whether a daemon serving `model` (hello's model) serves the model `asked` names."""
+    if asked == DEFAULT_MODEL:
+        return model.get("name") == DEFAULT_MODEL_NAME
+    if asked == model.get("name"):
+        return True
+    path = Path(asked).expanduser()
+    return path.exists() and str(path.resolve()) == model.get("path")
+
+
+def _say(message: str) -> None:
+    print(f"kakeya run: {message}", file=sys.stderr, flush=True)
 
 
 def _raise_interrupt(signum, frame):
@@ -528,10 +591,10 @@ class _Chat:
         if not self.started and self.args.system is not None:
             messages.append({"role": "system", "content": self.args.system})
         messages.append({"role": "user", "content": text})
-        self.session.append(messages=messages)
+        appended = self.session.append(messages=messages)
         self.started = True
         stream = self.session.generate(**_sampling(self.args))
-        _, _, interrupted = _consume(stream, _print_text)
+        _, _, interrupted = _consume(stream, _print_text, _prefill_spinner(appended))
         print()
         if interrupted:
             print("(stopped)", file=sys.stderr)

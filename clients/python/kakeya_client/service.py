@@ -23,8 +23,9 @@ from typing import Any, Callable, Optional
 
 DEFAULT_LABEL = "ai.kakeya.mlx"
 DEFAULT_UNIT = "kakeya"
-# The daemon's bundled default model (kakeya_mlx.loader.DEFAULT_MODEL, not imported: it pulls in MLX).
-DEFAULT_MODEL = "smollm2"
+# The daemon's bundled default model and the name it is served under (kakeya_mlx.locate's
+# DEFAULT_MODEL and DEFAULT_MODEL_NAME, spelled out: the client does not depend on the engine).
+DEFAULT_MODEL, DEFAULT_MODEL_NAME = "smollm2", "SmolLM2-135M-Instruct"
 PLATFORMS = ("launchd", "systemd", "none")
 PLATFORM_ENV = "KAKEYA_SERVICE_PLATFORM"
 PLIST_TEMPLATE = "ai.kakeya.mlx.plist"

@@ -239,7 +239,12 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_serve(args) -> int:
-    from kakeya_daemon.server import main as serve_main  # here, not at the top: the daemon imports MLX
+    if importlib.util.find_spec("kakeya_daemon") is None:
+        raise UsageError(
+            f"the daemon (kakeya-mlx) is not installed for {sys.executable}: this is the client alone; "
+            "install kakeya-mlx to serve a model here"
+        )
+    from kakeya_daemon.server import main as serve_main  # here, not at the top: the daemon's own imports
 
     return serve_main(args.extra)
 

@@ -496,6 +496,10 @@ def install(args: argparse.Namespace) -> int:
     platform, reason = detect_platform()
     socket = os.path.abspath(os.path.expanduser(args.socket)) if args.socket else _default_socket()
     arguments = program_arguments(args.model, socket, args.extra_arg or [])
+    if platform == "none" and args.dry_run:
+        # Nothing is written: show what would be, for the manager this OS usually runs.
+        platform = "launchd" if sys.platform == "darwin" else "systemd"
+        print(f"# no service manager here ({reason}); on a system running {platform}:", file=sys.stderr)
     if platform == "none":
         return _no_manager(reason, arguments)
     do = launchd_install if platform == "launchd" else systemd_install

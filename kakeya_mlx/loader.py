@@ -11,8 +11,8 @@ another quantization format) are loaded by mlx-lm's own loader.
 """
 
 import glob
-import json
 import importlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass

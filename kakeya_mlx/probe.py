@@ -122,8 +122,9 @@ def probe_cached(model: nn.Module, vocab_size: int, model_key: str, folder: Path
     file = folder / f"{_key(model_key)}.json"
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-        check = data["chunking"]
-        found = ProbeResult(data["backend"], Check(bool(check["invariant"]), tuple(check["differed"]), check["max_abs_diff"]))
+        kept = data["chunking"]
+        check = Check(bool(kept["invariant"]), tuple(kept["differed"]), float(kept["max_abs_diff"]))
+        found = ProbeResult(data["backend"], check)
         os.utime(file)  # recently used
         return found, True
     except (OSError, ValueError, KeyError, TypeError):

@@ -8,7 +8,8 @@ helpers transformers gives templates). `Tokenizer` reproduces what transformers'
 `PreTrainedTokenizerFast` (v5) does with those files: special tokens named in
 tokenizer_config.json, tokenizer.json's own post-processor deciding which special
 tokens encoding adds (transformers ignores add_bos_token / add_eos_token when
-tokenizer.json is there), and the chat template's inputs. tests/test_tokenizer.py compares the two on every tokenizer the tests use.
+tokenizer.json is there), and the chat template's inputs. tests/test_tokenizer.py
+compares the two on every tokenizer the tests use.
 
 A folder without tokenizer.json (a SentencePiece tokenizer.model only, say) is
 loaded by mlx-lm's transformers-based loader instead (`load_tokenizer`).
@@ -47,7 +48,8 @@ class Tokenizer:
             name: _token_text(config[name]) for name in SPECIAL_TOKEN_NAMES if config.get(name) is not None
         }
         extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
-        specials = list(self.special_tokens_map.values()) + [_token_text(t) for t in extra if not isinstance(extra, dict)]
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)  # v5 also names them
+        specials = list(self.special_tokens_map.values()) + [_token_text(t) for t in extra]
         missing = [t for t in specials if backend.token_to_id(t) is None]
         if missing:  # transformers adds named special tokens the vocabulary lacks
             backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
@@ -81,14 +83,7 @@ class Tokenizer:
         """The base vocabulary's size, added tokens not counted (as transformers counts it)."""
         return self.backend.get_vocab_size(with_added_tokens=False)
 
-    def convert_tokens_to_ids(self, token: str) -> Optional[int]:
-        return self.backend.token_to_id(token)
-
     # ---- chat ------------------------------------------------------------
-
-    @property
-    def has_chat_template(self) -> bool:
-        return self.chat_template is not None
 
     def apply_chat_template(
         self,

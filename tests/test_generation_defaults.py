@@ -69,15 +69,15 @@ def test_what_a_models_generation_config_gives():
     )
     found, dropped = rules.model_sampling({"temperature": 7.0, "top_k": 20.0, "top_p": "high"})
     assert found == {"top_k": 20} and len(dropped) == 2 and "temperature=7.0: must be in [0, 2]" in dropped[0]
-    assert rules.sampling_defaults({"top_k": 20}) == (
-        {**rules.DEFAULT_SAMPLING, "top_k": 20}, {n: "model" if n == "top_k" else "default" for n in rules.DEFAULT_SAMPLING}
-    )
+    sources = {n: "model" if n == "top_k" else "default" for n in rules.DEFAULT_SAMPLING}
+    assert rules.sampling_defaults({"top_k": 20}) == ({**rules.DEFAULT_SAMPLING, "top_k": 20}, sources)
 
 
 async def _engine_text(engine, sampling: SamplingParams, max_tokens: int) -> str:
     sid = await engine.create_session()
     await engine.append(sid, text=PROMPT)
-    text = "".join([e.text async for e in engine.generate(sid, max_tokens=max_tokens, sampling=sampling) if isinstance(e, TokenEvent)])
+    stream = engine.generate(sid, max_tokens=max_tokens, sampling=sampling)
+    text = "".join([e.text async for e in stream if isinstance(e, TokenEvent)])
     await engine.close_session(sid)
     return text
 

@@ -209,7 +209,8 @@ def test_dry_run_without_a_service_manager_prints_what_it_would_write(home):
     """Through the `kakeya` command, as on a Linux without systemd."""
     env = {**os.environ, service.PLATFORM_ENV: "none"}
     argv = ["service", "install", "--dry-run", "--model", "m", "--socket", str(home / "k.sock")]
-    proc = subprocess.run([sys.executable, "-m", "kakeya_client", *argv], env=env, capture_output=True, text=True, timeout=60)
+    cmd = [sys.executable, "-m", "kakeya_client", *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out, err = proc.stdout, proc.stderr
     assert "no service manager here" in err and "would write" in err

@@ -34,7 +34,11 @@ TEXTS = [
 ]
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
 ]
 TOOLS = [
@@ -133,7 +137,7 @@ def test_tokenizer_json_decides_which_special_tokens_encoding_adds(folders, tmp_
 
 
 def test_a_folder_without_tokenizer_json_falls_back_to_transformers(folders, tmp_path):
-    """A byte-level BPE shipped as vocab.json + merges.txt only (a slow tokenizer's files) loads through transformers."""
+    """A byte-level BPE shipped as vocab.json + merges.txt only (a slow tokenizer's files): transformers loads it."""
     path = shutil.copytree(folders["bpe"], tmp_path / "m")
     reference = load_tokenizer(path)
     model = json.loads((path / "tokenizer.json").read_text())["model"]
@@ -152,7 +156,8 @@ def test_a_folder_without_tokenizer_json_falls_back_to_transformers(folders, tmp
 def test_loading_a_model_imports_no_transformers(folders):
     code = (
         "import sys; from kakeya_mlx.loader import load_model; "
-        f"m = load_model({str(folders['bpe'])!r}); m.tokenizer.apply_chat_template([{{'role': 'user', 'content': 'x'}}]); "
+        f"m = load_model({str(folders['bpe'])!r}); "
+        "m.tokenizer.apply_chat_template([{'role': 'user', 'content': 'x'}]); "
         "print(sorted(n for n in ('transformers', 'torch') if n in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -101,7 +101,10 @@ class Daemon:
             raise
 
     def prepare(self) -> None:
-        """The checks that need no model: find it, claim the socket, bind the HTTP front. Raises StartError or EngineError."""
+        """The checks that need no model: find it, claim the socket, bind the HTTP front.
+
+        Raises StartError or EngineError (ModelLoadError) saying why it cannot start.
+        """
         c = self.config
         if self._loaded is None:
             self.source = locate(c.model)

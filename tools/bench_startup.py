@@ -12,7 +12,8 @@ alternately, and reports the medians and their ratio (ours / reference):
   another program listens on;
 - time to ready: from spawn until the socket answers `hello`, serving the bundled
   default model (already converted: one warm-up start of each tree first, which also
-  lets ours keep its probe result, as a user's second start does);
+  lets ours keep its probe result, as a user's second start does), and the same from a
+  KAKEYA_HOME that keeps no probe result (a first start, conversion aside);
 - the import of the daemon's entry module.
 
 Backend, model and dtype are those of the served default model, as `hello` reports them.
@@ -28,8 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from kakeya_client import Client, ConnectionFailed
+from kakeya_mlx import platform
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = (".", "protocol", "daemon", "clients/python")
@@ -65,12 +68,16 @@ def first_error_line(tree: Path, args: list[str]) -> tuple[float, str]:
     return elapsed, line.strip()
 
 
-def time_to_ready(tree: Path, sock: Path) -> tuple[float, dict]:
-    """Seconds from spawn until `hello` is answered on `sock`, and the hello result; the daemon is stopped after."""
+def time_to_ready(tree: Path, sock: Path, home: Optional[Path] = None) -> tuple[float, dict]:
+    """Seconds from spawn until `hello` is answered on `sock`, and the hello result; the daemon is stopped after.
+
+    `home`: a KAKEYA_HOME to start in (the converted models, nothing else kept).
+    """
+    env = tree_env(tree) if home is None else {**tree_env(tree), "KAKEYA_HOME": str(home)}
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kakeya_daemon", "--socket", str(sock), "--log-level", "warning"],
-        cwd=tree, env=tree_env(tree), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         while True:
@@ -101,6 +108,13 @@ def import_time(tree: Path) -> float:
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def fresh_home(work: Path) -> Path:
+    """A new KAKEYA_HOME that holds the converted models and nothing else (no probe result kept)."""
+    home = Path(tempfile.mkdtemp(prefix="home-", dir=work))
+    (home / "models").symlink_to(platform.default_cache_dir() / "models")
+    return home
 
 
 def busy_port() -> socket.socket:
@@ -135,6 +149,7 @@ def main() -> int:
             tree, ["--socket", str(work / "busy.sock"), "--http-port", str(holder.getsockname()[1])]
         ),
         "ready_s": lambda tree: time_to_ready(tree, work / "ready.sock"),
+        "ready_first_start_s": lambda tree: time_to_ready(tree, work / "ready.sock", fresh_home(work)),
         "import_daemon_s": lambda tree: (import_time(tree), ""),
     }
     try:

@@ -688,7 +688,7 @@ def cmd_stop(args) -> int:
 
 
 def _defaults_text(defaults: dict) -> str:
-    """What a generate that leaves settings out gets, e.g. 'temperature 0.7, top_p 0.9 (model), ...'."""
+    """What a generate that leaves settings out gets, e.g. 'temperature 0.4, top_p 0.9 (model), ...'."""
     if not defaults:
         return "unknown (an older daemon)"
     sources = defaults.get("sources", {})

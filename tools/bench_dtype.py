@@ -100,7 +100,8 @@ async def speed(engine: Engine, prompt: list[int]) -> tuple[float, float]:
     """(decode tokens/s, prefill tokens/s) of one turn: `prompt`, then DECODE_TOKENS greedy tokens."""
     sid = await engine.create_session()
     await engine.append(sid, tokens=prompt)
-    done = [e async for e in engine.generate(sid, max_tokens=DECODE_TOKENS, sampling=SamplingParams(temperature=0.0))][-1]
+    stream = engine.generate(sid, max_tokens=DECODE_TOKENS, sampling=SamplingParams(temperature=0.0))
+    done = [e async for e in stream][-1]
     await engine.close_session(sid)
     return done.decode_tokens_per_s, done.prefill_tokens_per_s
 
@@ -172,21 +173,29 @@ def main() -> int:
     base = results[dtypes[0]]
     for d, r in results.items():
         sampled = r["default_sampling"]
+
+        def ratio(measure: str) -> float:
+            return r[measure] / base[measure]
+
         log(
             f"{d:9s} greedy {r['greedy']['correct']}/{r['questions']} (looping {r['greedy']['looping']})  sampled "
             f"{sampled['correct']}/{r['questions'] * len(SEEDS)} (looping {sampled['looping']})  "
             f"perplexity {r['perplexity']:6.2f}  "
-            f"agreement {r['top1_agreement_with_float32']:.3f}  decode {r['decode_tokens_per_s']:.2f} tok/s "
-            f"(x{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f})  prefill {r['prefill_tokens_per_s']:.1f} tok/s "
-            f"(x{r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f})  weights {r['weights_bytes'] / 2**20:.0f} MiB"
+            f"agreement {r['top1_agreement_with_float32']:.3f}  "
+            f"decode {r['decode_tokens_per_s']:.2f} tok/s (x{ratio('decode_tokens_per_s'):.2f})  "
+            f"prefill {r['prefill_tokens_per_s']:.1f} tok/s (x{ratio('prefill_tokens_per_s'):.2f})  "
+            f"weights {r['weights_bytes'] / 2**20:.0f} MiB"
         )
-    report = {"benchmark": "dtype", "backend": platform.backend(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-              "runs": args.runs, "results": results}
-    out = Path(args.out)
+    write_report({"benchmark": "dtype", "runs": args.runs, "results": results}, Path(args.out))
+    return 0
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The report as JSON at `out`, with the backend and model it was measured on."""
+    report = {"backend": platform.backend(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)", **report}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     log(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,16 +11,14 @@ run repeated three times). The daemon's documented default is kakeya_protocol.pa
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
-from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.loader import load_model
 from kakeya_mlx.sampling import SamplingParams
 from kakeya_protocol import params as rules
-from tools.bench_dtype import QUESTIONS, answers, log
+from tools.bench_dtype import QUESTIONS, answers, log, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 FILTERS = {"top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
@@ -59,19 +57,8 @@ def main() -> int:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = asyncio.run(run(args.dtype, seeds))
-    report = {
-        "benchmark": "sampling",
-        "backend": platform.backend(),
-        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
-        "dtype": args.dtype,
-        "default_sampling": rules.DEFAULT_SAMPLING,
-        "seeds": seeds,
-        "results": results,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    log(f"wrote {out}")
+    report = {"benchmark": "sampling", "dtype": args.dtype, "default_sampling": rules.DEFAULT_SAMPLING, "seeds": seeds}
+    write_report({**report, "results": results}, Path(args.out))
     return 0
 
 

@@ -318,26 +318,27 @@ def _consume(stream: GenerateStream, show, spinner: Optional[Spinner] = None) ->
     chunks, tokens, interrupted = [], [], False
     if spinner is not None:
         spinner.start()
-    while True:
-        try:
-            for event in stream:
-                if spinner is not None:
-                    spinner.stop()
-                if isinstance(event, TokensEvent):
-                    chunks.append(event.text)
-                    tokens.extend(event.tokens)
-                    if show is not None and event.text:
-                        show(event.text)
-            break
-        except KeyboardInterrupt:
-            if interrupted:  # a second Ctrl-C: stop waiting; closing the connection ends the generation
-                stream.client.close()
-                raise
-            interrupted = True
-            stream.cancel()
-        finally:
-            if spinner is not None:
-                spinner.stop()
+    try:
+        while True:
+            try:
+                for event in stream:
+                    if spinner is not None:
+                        spinner.stop()
+                    if isinstance(event, TokensEvent):
+                        chunks.append(event.text)
+                        tokens.extend(event.tokens)
+                        if show is not None and event.text:
+                            show(event.text)
+                break
+            except KeyboardInterrupt:
+                if interrupted:  # a second Ctrl-C: stop waiting; closing the connection ends the generation
+                    stream.client.close()
+                    raise
+                interrupted = True
+                stream.cancel()
+    finally:
+        if spinner is not None:
+            spinner.stop()
     return "".join(chunks), tokens, interrupted
 
 

@@ -2,6 +2,10 @@
 
 Exit codes: 0 ok, 1 the daemon reported an error (or timed out), 2 usage error,
 3 no daemon reachable, 130 interrupted. Every failure is one line on stderr.
+
+Over 400 lines because it holds every command's parser and short body together, so
+one file shows the whole command; the larger pieces live beside it: which daemon
+`run` uses (daemons.py), the service (service.py), the prefill spinner (progress.py).
 """
 
 import argparse
@@ -9,32 +13,25 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections import deque
-from pathlib import Path
 from typing import Optional
 
 from kakeya_protocol import SOCKET_ENV, default_socket_path
 from kakeya_protocol import params as rules
 
+from . import daemons
 from .client import Client, GenerateStream, Session
+from .daemons import STOP_WAIT_S
 from .errors import ConnectionFailed, KakeyaError
 from .events import DoneEvent, TokensEvent
 from .progress import Spinner
-from .service import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from .service import add_parser as add_service_parser
 from .wire import CLIENT_VERSION
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_INTERRUPTED = 1, 2, 3, 130
 # The CLI waits longer than the library default: a long prompt's prefill on a big model takes a while.
 DEFAULT_TIMEOUT_S = 300.0
-STOP_WAIT_S = 30.0
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
 
 
@@ -359,7 +356,7 @@ def _done_dict(done: Optional[DoneEvent]) -> Optional[dict]:
 
 def cmd_run(args) -> int:
     prompt = _read_prompt(args)
-    client = _running_daemon(args)
+    client = daemons.running_daemon(args.socket, args.model, args.timeout)
     if client is not None:
         with client:
             return _generate(client, args, prompt)
@@ -368,143 +365,8 @@ def cmd_run(args) -> int:
             f"no kakeya daemon answers at {args.socket or default_socket_path()}, and none can be started here: "
             f"the daemon (kakeya-mlx) is not installed for {sys.executable}; install it, or start a daemon elsewhere"
         )
-    with _private_daemon(args.model, args.timeout) as client:
+    with daemons.private_daemon(args.model, args.timeout) as client:
         return _generate(client, args, prompt)
-
-
-def _running_daemon(args) -> Optional[Client]:
-    """A client of the daemon answering on the socket, when it serves the model asked for; else None (said why)."""
-    path = args.socket or default_socket_path()
-    try:
-        client = Client(args.socket, timeout=args.timeout)
-    except ConnectionFailed:
-        _say(f"no daemon answers at {path}; starting a private one (it stops when this run ends)")
-        return None
-    model = client.server_info.get("model", {})
-    if args.model is not None and not _serves(model, args.model):
-        client.close()
-        _say(
-            f"the daemon at {path} serves {model.get('name')}, not {args.model}; "
-            "starting a private one (it stops when this run ends)"
-        )
-        return None
-    _say(f"using the daemon at {path} ({model.get('name')})")
-    return client
-
-
-def _serves(model: dict, asked: str) -> bool:
-    """Whether a daemon serving `model` (hello's model) serves the model `asked` names."""
-    if asked == DEFAULT_MODEL:
-        return model.get("name") == DEFAULT_MODEL_NAME
-    if asked == model.get("name"):
-        return True
-    path = Path(asked).expanduser()
-    return path.exists() and str(path.resolve()) == model.get("path")
-
-
-def _say(message: str) -> None:
-    print(f"kakeya run: {message}", file=sys.stderr, flush=True)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _private_daemon(model: Optional[str], timeout: float):
-    """Start `python -m kakeya_daemon` on a private socket, yield a connected Client, shut it down after."""
-    tmp = Path(tempfile.mkdtemp(prefix="kakeya-run-"))
-    sock = tmp / "kakeya.sock"
-    cmd = [sys.executable, "-m", "kakeya_daemon", "--socket", str(sock)] + (["--model", model] if model else [])
-    # Own process group: Ctrl-C reaches only us, and we cancel and shut the daemon down in order.
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    log = _DaemonLog(proc)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    client = None
-    try:
-        client = _wait_until_serving(proc, sock, timeout, log)
-        yield client
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        asked = False
-        if client is not None:
-            with contextlib.suppress(KakeyaError):
-                client.shutdown()
-                asked = True
-            client.close()
-        _stop_process(proc, asked)
-        log.join()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _DaemonLog:
-    """Copies the daemon's stderr to ours while it loads (progress bars included); keeps a tail after."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.tail: deque[bytes] = deque(maxlen=64)
-        self.showing = True
-        self._proc = proc
-        self._thread = threading.Thread(target=self._copy, daemon=True)
-        self._thread.start()
-
-    def _copy(self) -> None:
-        fd = self._proc.stderr.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.tail.append(chunk)
-            if self.showing:
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.buffer.write(chunk)
-                    sys.stderr.flush()
-
-    def quiet(self) -> None:
-        self.showing = False
-
-    def last_line(self) -> str:
-        lines = b"".join(self.tail).decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else ""
-
-    def join(self) -> None:
-        self._thread.join(timeout=5)
-        self._proc.stderr.close()
-
-
-def _wait_until_serving(proc: subprocess.Popen, sock: Path, timeout: float, log: _DaemonLog) -> Client:
-    while True:
-        if proc.poll() is not None:
-            log.join()
-            why = " (its log is above)" if log.showing else f": {log.last_line() or 'no output'}"
-            raise KakeyaError(f"the daemon exited with code {proc.returncode} before serving{why}")
-        if sock.exists():
-            log.quiet()  # loaded: from here on its log would only interleave with the reply
-            try:
-                return Client(sock, timeout=timeout)
-            except ConnectionFailed:
-                pass  # bound but not listening yet
-        time.sleep(0.05)
-
-
-def _stop_process(proc: subprocess.Popen, asked: bool) -> None:
-    """Wait for a daemon that was asked to shut down; SIGTERM (a graceful stop too), then SIGKILL, if it lingers."""
-    steps = [(proc.terminate, 10.0), (proc.kill, 10.0)]
-    if asked:
-        steps.insert(0, (None, STOP_WAIT_S))
-    for stop, wait in steps:
-        if stop is not None:
-            with contextlib.suppress(ProcessLookupError):
-                stop()
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def cmd_chat(args) -> int:

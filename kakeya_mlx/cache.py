@@ -20,6 +20,11 @@ from mlx_lm.models.cache import create_attention_mask
 
 from .rope import RopeSpec
 
+# What a stored cache means: float32 keys rotated to cache-relative positions,
+# values in the model's dtype, and the bookkeeping of `SinkWindowCache.state`.
+# Bump it whenever any of that changes, so older stored sessions are refused.
+LAYOUT_VERSION = 1
+
 
 @dataclass(frozen=True)
 class CacheShape:
@@ -98,6 +103,15 @@ class LayerKV:
 
     def arrays(self) -> list:
         return [] if self.keys is None else [self.keys, self.values]
+
+    def load(self, keys: mx.array, values: mx.array) -> None:
+        """Start over from stored keys (float32) and values, as if written by `update_and_fetch`."""
+        self.keys = self.values = None
+        self.offset = 0
+        self._reserve(keys.shape[2], keys, values)
+        self.offset = keys.shape[2]
+        self.keys[..., : self.offset, :] = keys
+        self.values[..., : self.offset, :] = values
 
     @property
     def nbytes(self) -> int:
@@ -256,6 +270,86 @@ class SinkWindowCache:
         """Bytes held by the live key and value arrays of every layer."""
         return sum(layer.nbytes for layer in self.layers)
 
+    def state(self) -> tuple[dict, dict[str, mx.array]]:
+        """The bookkeeping as JSON-able values and the live arrays by name (lazy slices, no copy)."""
+        meta = {
+            "layout": LAYOUT_VERSION,
+            "sink": self.shape.sink,
+            "window": self.shape.window,
+            "block": self.shape.block,
+            "layers": len(self.layers),
+            "committed": self.committed,
+            "evicted": self.evicted,
+            "tail_pieces": self.tail_pieces,
+        }
+        arrays = {"token_ids": mx.array(self.token_ids, dtype=mx.uint32)}
+        if self.boundary_logits is not None:
+            arrays["boundary_logits"] = self.boundary_logits
+        for i, layer in enumerate(self.layers):
+            if layer.offset:
+                arrays[f"layers.{i}.keys"] = layer.keys[..., : layer.offset, :]
+                arrays[f"layers.{i}.values"] = layer.values[..., : layer.offset, :]
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, shape: CacheShape, ropes: list[RopeSpec], meta: dict, arrays: dict) -> "SinkWindowCache":
+        """Rebuild a cache from what `state()` returned; ValueError names the first inconsistency.
+
+        Every array name must be consumed and every invariant hold, so a damaged or
+        foreign state is refused rather than loaded.
+        """
+        if meta.get("layout") != LAYOUT_VERSION:
+            raise ValueError(f"cache layout {meta.get('layout')!r}, this engine reads layout {LAYOUT_VERSION}")
+        stored = tuple(meta.get(k) for k in ("sink", "window", "block"))
+        expected = (shape.sink, shape.window, shape.block)
+        if stored != expected:
+            raise ValueError(f"cache shape (sink, window, block) {stored}, this engine's is {expected}")
+        if meta.get("layers") != len(ropes):
+            raise ValueError(f"{meta.get('layers')!r} cache layers, the model has {len(ropes)}")
+        for key in ("committed", "evicted", "tail_pieces"):
+            if not _is_count(meta.get(key)):
+                raise ValueError(f"{key}={meta.get(key)!r} is not a count")
+        arrays = dict(arrays)
+        token_ids = arrays.pop("token_ids", None)
+        if token_ids is None or token_ids.ndim != 1 or token_ids.dtype != mx.uint32:
+            raise ValueError("token_ids is missing or not a 1-d uint32 array")
+        cache = cls(shape, ropes)
+        cache.token_ids = token_ids.tolist()
+        cache.committed, cache.evicted, cache.tail_pieces = meta["committed"], meta["evicted"], meta["tail_pieces"]
+        cache.boundary_logits = arrays.pop("boundary_logits", None)
+        if cache.boundary_logits is not None and (cache.boundary_logits.ndim != 2 or cache.boundary_logits.shape[0] != 1):
+            raise ValueError(f"boundary logits of shape {cache.boundary_logits.shape}, expected (1, vocab)")
+        length = cache.length
+        first = None
+        for i, layer in enumerate(cache.layers):
+            keys, values = arrays.pop(f"layers.{i}.keys", None), arrays.pop(f"layers.{i}.values", None)
+            if length == 0:
+                if keys is not None or values is not None:
+                    raise ValueError(f"layer {i} holds keys or values for an empty cache")
+                continue
+            if keys is None or values is None:
+                raise ValueError(f"layer {i} has no keys or values")
+            if keys.ndim != 4 or values.ndim != 4 or keys.shape[0] != 1 or keys.shape[2] != length:
+                raise ValueError(f"layer {i} keys {keys.shape} do not hold {length} positions of one sequence")
+            if keys.dtype != mx.float32 or keys.shape[:3] != values.shape[:3]:
+                raise ValueError(f"layer {i}: keys {keys.shape} {keys.dtype}, values {values.shape} {values.dtype}")
+            described = (keys.shape, values.shape, values.dtype)
+            if first is not None and described != first:
+                raise ValueError(f"layer {i} arrays {described} differ from layer 0's {first}")
+            first = described
+            layer.load(keys, values)
+        if arrays:
+            raise ValueError(f"unexpected arrays {sorted(arrays)}")
+        try:
+            cache.check_invariants()
+        except AssertionError as exc:
+            raise ValueError(str(exc)) from None
+        if cache.committed > length:
+            raise ValueError(f"{cache.committed} tokens committed of {length} cached")
+        if cache.evicted and cache.committed != shape.committed_limit:
+            raise ValueError(f"{cache.evicted} tokens evicted but only {cache.committed} committed")
+        return cache
+
     def history_position(self, index: int) -> int:
         return index if index < self.shape.sink else index + self.evicted
 
@@ -272,3 +366,7 @@ class SinkWindowCache:
             raise AssertionError(
                 f"INV-2: committed {self.committed} / tail {self.tail} exceed sink+window / block"
             )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

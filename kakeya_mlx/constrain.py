@@ -46,6 +46,17 @@ MAX_REASON_CHARS = 300
 # indent of up to 20. Unbounded whitespace lets small models loop on newlines forever.
 JSON_WHITESPACE = r"(?: |\n[ \t]{0,20})?"
 CONSTRAINT_TYPES = ("json_object", "json_schema", "regex", "grammar")
+# JSON as Python's json.dumps writes it: ", " and ": " between items, no other
+# whitespace, and only the escapes it uses. Text written this way renders back
+# unchanged through a chat template's `tojson`, so a reply made of it is a prefix
+# of the next turn's prompt and stays cached.
+CANONICAL_JSON = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "json_allowed_escapes": '"\\nrbtf',
+    "lenient": True,
+}
 
 
 class TokenRejectedError(EngineError):
@@ -69,10 +80,20 @@ class TokenMatcher:
     Not thread-safe; it lives on the compute thread with its generation.
     """
 
-    def __init__(self, matcher: llguidance.LLMatcher, tokenizer_vocab: int, vocab_width: int, eos_ids: Sequence[int]):
+    def __init__(
+        self,
+        matcher: llguidance.LLMatcher,
+        tokenizer_vocab: int,
+        vocab_width: int,
+        eos_ids: Sequence[int],
+        end_token: int | None = None,
+    ):
+        """`end_token`: where the text may end, the one end token allowed (others are not), when given."""
         self._matcher = matcher
         self._width = vocab_width
         self._eos = frozenset(eos_ids)
+        self._other_ends = np.array(sorted(self._eos - {end_token}), dtype=np.int64) if end_token in self._eos else None
+        self._end = end_token
         self._bitmask = allocate_token_bitmask(1, tokenizer_vocab)
         self._allowed = np.zeros(vocab_width, dtype=np.bool_)  # stays False past the tokenizer's vocab
         self._accepted = 0
@@ -84,6 +105,8 @@ class TokenMatcher:
         bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little").view(np.bool_)
         n = min(self._width, bits.shape[0])
         self._allowed[:n] = bits[:n]
+        if self._other_ends is not None and self._allowed[self._end]:
+            self._allowed[self._other_ends] = False
         return mx.array(self._allowed)
 
     def accept(self, token_id: int) -> None:
@@ -144,7 +167,7 @@ class TokenMatcher:
 
     def _allows(self, token_id: int) -> bool:
         if token_id in self._eos:
-            return self._matcher.is_accepting()
+            return self._matcher.is_accepting() and (self._other_ends is None or token_id == self._end)
         return self._matcher.validate_tokens([token_id]) == 1
 
 
@@ -152,12 +175,20 @@ class Constrainer:
     """Compiles constraint specs against one model's tokenizer; thread-safe."""
 
     def __init__(
-        self, tokenizer_json: str, eos_token_ids: Sequence[int], vocab_width: int, cache_size: int = DEFAULT_CACHE_SIZE
+        self,
+        tokenizer_json: str,
+        eos_token_ids: Sequence[int],
+        vocab_width: int,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        end_token: int | None = None,
     ):
+        """`end_token`: the one end token a constrained text may end with (the tokenizer's own end-of-sequence,
+        which chat templates close a turn with); None allows any of `eos_token_ids`."""
         if cache_size < 1:
             raise ValueError("cache_size must be >= 1")
         self._tokenizer = llguidance.LLTokenizer(tokenizer_json, eos_token=list(eos_token_ids))
         self._eos = list(eos_token_ids)
+        self._end = end_token
         self.vocab_width = vocab_width
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Constraint] = OrderedDict()
@@ -165,8 +196,14 @@ class Constrainer:
 
     @classmethod
     def for_model(cls, loaded: "LoadedModel", cache_size: int = DEFAULT_CACHE_SIZE) -> "Constrainer":
-        """Build from a `kakeya_mlx.loader.LoadedModel`: its tokenizer.json, end tokens and logits width."""
-        return cls(tokenizer_json_of(loaded), loaded.eos_token_ids, loaded.vocab_size, cache_size)
+        """Build from a `kakeya_mlx.loader.LoadedModel`: its tokenizer.json, end tokens and logits width.
+
+        A constrained reply ends with the tokenizer's own end token, the one the chat template
+        closes an assistant turn with (Llama 3's <|eot_id|>, not <|end_of_text|>), so the next
+        turn's prompt extends it exactly.
+        """
+        end = getattr(loaded.tokenizer, "eos_token_id", None)
+        return cls(tokenizer_json_of(loaded), loaded.eos_token_ids, loaded.vocab_size, cache_size, end_token=end)
 
     def compile(self, spec: object, where: str = "constraint") -> Constraint:
         """Check and compile `spec`; `where` names it in errors (e.g. "response_format.json_schema")."""
@@ -191,7 +228,13 @@ class Constrainer:
 
     def matcher(self, constraint: Constraint) -> TokenMatcher:
         """A fresh matcher for one generation (copying a compiled one takes microseconds)."""
-        return TokenMatcher(constraint._template.deep_copy(), self._tokenizer.vocab_size, self.vocab_width, self._eos)
+        return TokenMatcher(
+            constraint._template.deep_copy(), self._tokenizer.vocab_size, self.vocab_width, self._eos, self._end
+        )
+
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Each token's own bytes (a special token's are its text), exact even for part of a character."""
+        return [self._tokenizer.decode_bytes([t]) for t in token_ids]
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as the constraint's tokenizer view sees them (for tests and tools)."""

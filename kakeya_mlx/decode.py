@@ -140,7 +140,7 @@ class Generation:
     def _pick(self, logits: mx.array) -> mx.array:
         context = self.request.sampling.repetition_context
         mask = self.matcher.allowed_mask() if self.matcher is not None else None
-        token = self.sampler.pick(logits, self.session.history[-context:], mask)
+        token = self.sampler.pick(logits, self.session.history[-context:], mask, self.generated)
         self.next_scores = logits
         mx.async_eval(token)
         return token
@@ -265,20 +265,22 @@ class Generation:
         sampling = self.request.sampling
         context = sampling.repetition_context
         recent = self.session.history[-context:] + [t0]
+        generated = self.generated + [t0]
         token = mx.array([t0])
         tokens, probs = [], []
         for _ in range(k):
             logits = forward_batch(model, [draft.cache.layers], token[None], [1])[0, -1:]
             draft.cache.add_tail([0])  # placeholder id; cut back to the taken tokens after verification
             if sampling.greedy:
-                token = self.sampler.pick(logits, recent[-context:])
+                token = self.sampler.pick(logits, recent[-context:], None, generated)
             else:
-                logprobs = self.sampler.logprobs(logits, recent[-context:])
+                logprobs = self.sampler.logprobs(logits, recent[-context:], None, generated)
                 token = mx.random.categorical(logprobs, key=self.sampler.next_key())
                 probs.append(mx.exp(logprobs))
             tokens.append(token)
             mx.eval(token)
             recent.append(token.item())
+            generated.append(recent[-1])
         ids = [t.item() for t in tokens]
         draft.cache.token_ids[-k:] = [t0, *ids[:-1]]
         return ids, (probs if probs else None)
@@ -320,9 +322,10 @@ class Generation:
         context = sampling.repetition_context
         history = self.session.history
         contexts = [(history + fed[: i + 1])[-context:] for i in range(len(fed))]
+        so_far = [self.generated + fed[: i + 1] for i in range(len(fed))]
         masks = self.verify_masks if self.verify_masks is not None else [None] * len(fed)
         if sampling.greedy:
-            choices = [self.sampler.pick(logits[i : i + 1], contexts[i], masks[i]) for i in range(len(fed))]
+            choices = [self.sampler.pick(logits[i : i + 1], contexts[i], masks[i], so_far[i]) for i in range(len(fed))]
             values = mx.concatenate(choices).tolist()
             taken = 1
             while taken < len(fed) and values[taken - 1] == fed[taken]:
@@ -331,7 +334,9 @@ class Generation:
             return taken
         # Speculative sampling: take draft x with probability min(1, p(x) / q(x)); at the first
         # refusal draw from the leftover max(0, p - q); after the last draft draw from p.
-        p = [mx.exp(self.sampler.logprobs(logits[i : i + 1], contexts[i], masks[i])) for i in range(len(fed))]
+        p = [
+            mx.exp(self.sampler.logprobs(logits[i : i + 1], contexts[i], masks[i], so_far[i])) for i in range(len(fed))
+        ]
         drafts = fed[1:]
         q = self.draft_probs
         checks, fallbacks = [], []
@@ -477,6 +482,7 @@ class Generation:
             decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
             total_s=t_end - started,
             text=self.tokenizer.decode(self.released, skip_special_tokens=True) if self.released else "",
+            stop_sequence=self.stream.stop_sequence if stop_reason == "stop_sequence" else None,
             token_ids=list(self.released),
             draft_tokens=self.drafted,
             accepted_tokens=self.accepted,

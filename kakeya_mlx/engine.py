@@ -6,6 +6,7 @@ fails validation leaves its session exactly as it was.
 """
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -19,23 +20,31 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from kakeya_protocol import params as rules
 
-from . import chat, platform
-from .cache import CacheShape
+from . import chat, platform, store as session_store
+from .cache import LAYOUT_VERSION, CacheShape
 from .compute import ComputeThread
 from .constrain import Constraint, Constrainer
 from .decode import GenerateRequest, Generation
-from .errors import BusyError, InvalidArgumentError, NotFoundError
+from .errors import (
+    BusyError,
+    CorruptSessionError,
+    FingerprintMismatchError,
+    InvalidArgumentError,
+    NotFoundError,
+    StoreError,
+)
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
 from .probe import ProbeResult, model_fingerprint, probe, probe_cached
-from .rope import layer_shifters
+from .rope import layer_shifters, make_batchable
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .session import Session, prefill_piece
 from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
+from .store import SavedSession, SessionStore
+from .toolcalls import ModelTools
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
-MAX_TOP_LOGPROBS = 20
 log = logging.getLogger("kakeya.engine")
 
 
@@ -96,12 +105,21 @@ class EngineConfig:
 class Engine:
     """Sessions and generation over one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), draft: Optional[LoadedModel] = None):
-        """`draft`: a smaller model sharing `loaded`'s tokenizer, for speculative decoding."""
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig = EngineConfig(),
+        draft: Optional[LoadedModel] = None,
+        store: Optional[SessionStore] = None,
+    ):
+        """`draft`: a smaller model sharing `loaded`'s tokenizer, for speculative decoding.
+        `store`: where `save_session` and `restore_session` keep sessions."""
         self.loaded = loaded
+        self.store = store
         self.config = config
         self.shape = config.cache_shape(loaded.max_position_embeddings)
         self.ropes = layer_shifters(loaded.model, self.shape.bound)
+        make_batchable(loaded.model, self.shape.bound)
         if draft is not None:
             check_draft_model(loaded, draft, self.shape)
         if config.speculative == "draft" and draft is None:
@@ -116,6 +134,11 @@ class Engine:
             self.recompute_blocks = not found.chunk_invariant
             kept = " (kept from an earlier start)" if reused else ""
             log.info("%s%s: recompute_blocks=%s", found.describe(), kept, self.recompute_blocks)
+            if not found.batch_invariant and config.decode_batch_size > 1:
+                log.info(
+                    "batched sessions may differ from lone ones in the last bits here; "
+                    "decode_batch_size=1 computes each session on its own"
+                )
         else:
             self.recompute_blocks = config.recompute_blocks
             log.info("recompute_blocks=%s, as configured (not probed)", self.recompute_blocks)
@@ -136,7 +159,9 @@ class Engine:
         self._thread = ComputeThread(scheduler)
         self._constrainer_instance: Optional[Constrainer] = None
         self._constrainer_lock = threading.Lock()
+        self._tools: Optional[ModelTools] = None
         self._started = False
+        self._fingerprint: Optional[dict] = None
 
     def _probe(self) -> tuple[ProbeResult, bool]:
         """What the backend keeps bit-identical on this model (probe.py): kept from an earlier start, else measured."""
@@ -187,6 +212,11 @@ class Engine:
             "block": self.shape.block,
             "kv_bytes_per_token": m.kv_bytes_per_token,
             "has_chat_template": bool(m.chat_template),
+            "speculative": self.spec.mode,
+            "num_draft_tokens": self.spec.num_draft_tokens,
+            "draft_model": self.spec.draft.loaded.name if self.spec.draft is not None else None,
+            "decode_batch_size": self.config.decode_batch_size,
+            "prefill_step_tokens": self.config.prefill_step_tokens,
         }
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -208,6 +238,26 @@ class Engine:
             return chat.render(self.loaded.tokenizer, messages, add_generation_prompt)
         return chat.after_closed_turn(self.loaded.tokenizer, messages, add_generation_prompt)
 
+    def render_chat(self, messages: list[dict], tools: list) -> str:
+        """A whole conversation, tool calls and results included, with `tools` offered (toolcalls.py)."""
+        self._check_chat_template()
+        return self.tools().render(messages, tools)
+
+    def tools(self) -> ModelTools:
+        """The model's tool calling (its call format, read from the chat template once)."""
+        if self._tools is None:
+            self._tools = ModelTools(self.loaded.tokenizer, self.loaded.chat_template)
+        return self._tools
+
+    async def token_bytes(self, token_ids: list[int]) -> list[bytes]:
+        """Each token's own bytes, exact even where a token holds part of a character."""
+        if self._constrainer_instance is None:
+            try:
+                await asyncio.to_thread(self._constrainer)
+            except InvalidArgumentError:  # no tokenizer.json to read exact bytes from
+                return [self.loaded.tokenizer.decode([t]).encode("utf-8") for t in token_ids]
+        return self._constrainer_instance.token_bytes(token_ids)
+
     def _check_chat_template(self) -> None:
         if not self.loaded.chat_template:
             raise InvalidArgumentError("this model has no chat template; append text or tokens instead")
@@ -225,9 +275,13 @@ class Engine:
     def has_session(self, session_id: str) -> bool:
         return session_id in self._sessions
 
+    def check_speculative(self, speculative: Optional[str], num_draft_tokens: Optional[int]) -> None:
+        """Raise InvalidArgumentError naming the field unless this engine can serve that choice."""
+        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
+
     async def create_session(self, speculative: Optional[str] = None, num_draft_tokens: Optional[int] = None) -> str:
         """A new empty session. `speculative` and `num_draft_tokens` become its defaults for generate."""
-        check_mode(speculative, num_draft_tokens, self.spec.draft is not None)
+        self.check_speculative(speculative, num_draft_tokens)
         session_id = uuid.uuid4().hex[:16]
         session = Session(session_id, self.shape, self.ropes)
         session.speculative, session.num_draft_tokens = speculative, num_draft_tokens
@@ -446,8 +500,9 @@ class Engine:
         k = num_draft_tokens or session.num_draft_tokens or self.spec.num_draft_tokens
         if not isinstance(logprobs, bool):
             raise InvalidArgumentError(f"logprobs={str(logprobs)[:40]!r}: must be a boolean")
-        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise InvalidArgumentError(f"top_logprobs={str(top_logprobs)[:40]!r}: must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        problem = rules.explain("top_logprobs", top_logprobs)
+        if problem is not None:
+            raise InvalidArgumentError(problem)
         if top_logprobs and not logprobs:
             raise InvalidArgumentError("top_logprobs needs logprobs=true")
         return GenerateRequest(
@@ -517,6 +572,141 @@ class Engine:
     async def end_turn(self, session_id: str) -> None:
         """Cancel the session's running turn, if any, and wait until it has ended."""
         await _end_turn(self._get(session_id))
+
+    # ---- the session store -------------------------------------------------
+
+    async def fingerprint(self) -> dict:
+        """What every stored session's cache depends on here: model files, dtype, cache shape, layout.
+
+        Read from the model's files once (a few KiB per weight tensor, see
+        `store.model_fingerprint`), then kept.
+        """
+        if self._fingerprint is None:
+            files = await asyncio.to_thread(session_store.model_fingerprint, self.loaded.path)
+            self._fingerprint = {
+                "layout": LAYOUT_VERSION,
+                **files,
+                "dtype": self.loaded.dtype,
+                "kv_dtype": self.loaded.kv_dtype,
+                "sink": self.shape.sink,
+                "window": self.shape.window,
+                "block": self.shape.block,
+            }
+        return self._fingerprint
+
+    def _require_store(self) -> SessionStore:
+        if self.store is None:
+            raise StoreError("this engine has no session store")
+        return self.store
+
+    async def save_session(
+        self, session_id: str, name: Optional[str] = None, extra: Optional[dict] = None
+    ) -> SavedSession:
+        """Write a session to the store under `name` (default: its id); it stays in memory.
+
+        `extra` is free-form JSON kept with it and handed back by `restore_session`.
+        A session whose turn is running is refused (BusyError). StoreWriteError (disk
+        full, unwritable, larger than the store's cap) leaves the store as it was.
+        """
+        store = self._require_store()
+        name = session_id if name is None else name
+        session_store.check_name(name)
+        extra = {} if extra is None else extra
+        if not isinstance(extra, dict) or not _is_json(extra):
+            raise InvalidArgumentError("extra must be a JSON object (str keys; str, number, bool, null, list, map values)")
+        fingerprint = await self.fingerprint()
+        session = self._get(session_id)
+        last_used = session.last_used_at  # saving is not a use: idle timers keep running
+        turn = self._begin_turn(session)  # no turn may start while the arrays are read
+        try:
+            data = await self._call(lambda: session_store.pack(name, fingerprint, *session.state(), extra))
+        finally:
+            turn.finish()
+            session.last_used_at = last_used
+        return await asyncio.to_thread(store.write, name, data)
+
+    async def restore_session(self, name: str, fork: bool = False) -> "RestoredSession":
+        """Bring a stored session back into memory exactly as it was saved.
+
+        It comes back under the id it was saved with, or under a new id if `fork`
+        (a copy of the saved conversation). The file stays in the store. Raises
+        NotFoundError; CorruptSessionError if the file is damaged; FingerprintMismatchError
+        (saying which part differs) if it was made with another model, dtype or cache
+        shape; InvalidArgumentError if its id is in memory already.
+        """
+        store = self._require_store()
+        fingerprint = await self.fingerprint()
+        body = await asyncio.to_thread(store.read, name)
+        new_id = uuid.uuid4().hex[:16] if fork else None
+        session, extra = await self._call(self._unpack_session, name, body, fingerprint, new_id)
+        if session.id in self._sessions:
+            raise InvalidArgumentError(
+                f"session {session.id!r} is in memory already; close it first, or restore {name!r} as a fork"
+            )
+        session.last_used_at = time.time()
+        self._sessions[session.id] = session
+        return RestoredSession(session.id, name, extra)
+
+    def _unpack_session(self, name: str, body: bytes, fingerprint: dict, new_id: Optional[str]):
+        stored = session_store.unpack(name, body)
+        differences = session_store.fingerprint_differences(stored.fingerprint, fingerprint)
+        if differences:
+            parts = "; ".join(f"{part}: stored {was!r}, here {now!r}" for part, (was, now) in differences.items())
+            raise FingerprintMismatchError(
+                f"stored session {name!r} was made for another model or cache ({parts})", differences
+            )
+        session_id = new_id or stored.session.get("id")
+        try:
+            if not isinstance(session_id, str) or not session_id:
+                raise ValueError(f"session id {session_id!r}")
+            session = Session.from_state(session_id, self.shape, self.ropes, stored.session, stored.arrays)
+            _check_fits(session, self.loaded)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptSessionError(f"stored session {name!r} is inconsistent: {exc}") from None
+        try:
+            check_mode(session.speculative, session.num_draft_tokens, has_draft_model=True)
+        except InvalidArgumentError as exc:
+            raise CorruptSessionError(f"stored session {name!r} is inconsistent: {exc.message}") from None
+        if session.speculative == "draft" and self.spec.draft is None:
+            # Drafting never changes what is generated, so the session is still exact without it.
+            log.info("session %s restored without its draft model: this engine has none", session_id)
+            session.speculative = None
+        mx.eval(session.logits, session.cache.boundary_logits, session.cache.arrays())
+        return session, stored.extra
+
+
+@dataclass(frozen=True)
+class RestoredSession:
+    """A session back in memory: its id, the stored name it came from, and the extra JSON saved with it."""
+
+    session_id: str
+    name: str
+    extra: dict
+
+
+def _check_fits(session: Session, loaded: LoadedModel) -> None:
+    """A restored session's arrays have this model's shapes and dtypes, its tokens this vocabulary."""
+    for i, layer in enumerate(session.cache.layers):
+        if layer.keys is None:
+            continue
+        heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+        if (heads, dim, str(layer.values.dtype).removeprefix("mlx.core.")) != (
+            loaded.num_kv_heads, loaded.head_dim, loaded.kv_dtype
+        ):
+            raise ValueError(f"layer {i}: {heads} heads of {dim} in {layer.values.dtype}, not this model's")
+    for logits in (session.logits, session.cache.boundary_logits):
+        if logits is not None and logits.shape[1] != loaded.vocab_size:
+            raise ValueError(f"logits over {logits.shape[1]} tokens, the vocabulary has {loaded.vocab_size}")
+    if any(t >= loaded.vocab_size for t in session.history):
+        raise ValueError(f"a history token outside the vocabulary [0, {loaded.vocab_size})")
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class _Turn:

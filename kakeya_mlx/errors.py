@@ -35,3 +35,34 @@ class ModelLoadError(EngineError):
 
 class UnsupportedModelError(ModelLoadError):
     """The model's architecture or RoPE kind is one the sink+window cache cannot serve."""
+
+
+class StoreError(EngineError):
+    """The session store cannot serve a request; the message names the session and why."""
+
+
+class StoreDirectoryError(StoreError):
+    """The store's directory cannot be used: not ours, open to other users, or not creatable."""
+
+
+class StoreWriteError(StoreError):
+    """A session could not be written (disk full, unwritable, over the store's size cap).
+
+    Nothing was changed in the store; the session is wherever it was before (in memory).
+    """
+
+    code = "resource_exhausted"
+
+
+class CorruptSessionError(StoreError):
+    """A stored session's file is truncated, corrupted or inconsistent; it is not loaded."""
+
+
+class FingerprintMismatchError(StoreError):
+    """A stored session was made with another model, dtype or cache shape; `differences` says which."""
+
+    code = "invalid_argument"
+
+    def __init__(self, message: str, differences: dict):
+        super().__init__(message)
+        self.differences = differences

@@ -43,6 +43,7 @@ class DoneEvent:
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
     text: str = ""
+    stop_sequence: Optional[str] = None  # the stop string that ended the turn, when stop_reason is "stop_sequence"
     error_code: Optional[str] = None
     error_message: Optional[str] = None
     token_ids: list = field(default_factory=list, repr=False)

@@ -1,5 +1,6 @@
 """Every difference between running on Metal, CUDA and the CPU backend lives here."""
 
+import fcntl
 import os
 import sys
 from pathlib import Path
@@ -39,3 +40,18 @@ def default_cache_dir() -> Path:
         return Path.home() / "Library" / "Caches" / "kakeya"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "kakeya"
+
+
+def sync_file(fd: int) -> None:
+    """Flush a file (or directory) to stable storage.
+
+    On macOS fsync only reaches the drive's cache; F_FULLFSYNC asks the drive to
+    write it through, which is what makes a rename-into-place survive power loss.
+    """
+    if sys.platform == "darwin":
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass  # not every file system supports it; fsync is the next best
+    os.fsync(fd)

@@ -11,8 +11,13 @@ every layer's keys and values), GPU kernels pick different reductions for differ
 shapes, and Apple's CPU BLAS promises nothing. So it is measured here, on
 the model that will serve, with a few forward passes over a few tokens.
 
-Each check computes the same rows two ways and compares them bit for bit; a
-`ProbeResult` holds one `Check` per property.
+The same goes for batching: the scheduler decodes several sessions in one forward
+pass, each row on its own cache and length, and a session's stream is the same as
+alone only where a row's arithmetic does not depend on the rows beside it.
+
+Each check computes the same rows two ways, through the engine's own forward path
+(batch.py), and compares them bit for bit; a `ProbeResult` holds one `Check` per
+property.
 
 The probe costs a few forward passes (about 2 s for SmolLM2 on a 2-core CPU), so
 `probe_cached` keeps its result in a folder, keyed by everything the kernels that
@@ -34,6 +39,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import platform
+from .batch import forward_batch, forward_one
 from .cache import CacheShape, SinkWindowCache
 from .rope import layer_shifters
 
@@ -41,7 +47,7 @@ TOKENS = 4
 # Token by token, and an odd split.
 PIECES = ((1, 1, 1, 1), (3, 1))
 # Part of the cache key: a change to what the probe checks makes old results stale.
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 # Results kept at most; the least recently used beyond it are removed.
 MAX_CACHED_RESULTS = 64
 log = logging.getLogger("kakeya.engine")
@@ -62,41 +68,76 @@ class ProbeResult:
 
     backend: str
     chunking: Check  # a block at once vs the same tokens in pieces
+    batching: Check  # a row decoded alone vs beside another row of another length
 
     @property
     def chunk_invariant(self) -> bool:
         return self.chunking.invariant
 
+    @property
+    def batch_invariant(self) -> bool:
+        return self.batching.invariant
+
     def describe(self) -> str:
         """One line for the log."""
-        if self.chunk_invariant:
-            return f"on {self.backend}, a block computed at once and in pieces gives identical bits"
-        return (
-            f"on {self.backend}, a block computed at once and in pieces differs "
-            f"(max {self.chunking.max_abs_diff:.3g} in {', '.join(self.chunking.differed)})"
+        return f"on {self.backend}, " + "; ".join(
+            _said(check, what)
+            for check, what in (
+                (self.chunking, "a block computed at once and in pieces"),
+                (self.batching, "a session decoded alone and batched with others"),
+            )
         )
+
+
+def _said(check: Check, what: str) -> str:
+    if check.invariant:
+        return f"{what} give identical bits"
+    return f"{what} differ (max {check.max_abs_diff:.3g} in {', '.join(check.differed[:3])})"
 
 
 def probe(model: nn.Module, vocab_size: int) -> ProbeResult:
     """Run every check on `model` with the running backend."""
     tokens = [(37 * i + 11) % vocab_size for i in range(TOKENS)]
-    return ProbeResult(backend=platform.backend(), chunking=_chunking(model, tokens))
+    return ProbeResult(
+        backend=platform.backend(), chunking=_chunking(model, tokens), batching=_batching(model, tokens, vocab_size)
+    )
+
+
+def _fresh_cache(model: nn.Module, size: int) -> SinkWindowCache:
+    return SinkWindowCache(CacheShape(0, size, size), layer_shifters(model))
+
+
+def _outputs(cache: SinkWindowCache, logits: list[mx.array], n: int) -> dict[str, mx.array]:
+    outputs = {"logits": mx.concatenate(logits, axis=0)}
+    for i, layer in enumerate(cache.layers):
+        outputs[f"layer {i} keys"] = layer.keys[..., :n, :]
+        outputs[f"layer {i} values"] = layer.values[..., :n, :]
+    mx.eval(outputs)
+    return outputs
 
 
 def _forward_in_pieces(model: nn.Module, tokens: list[int], sizes) -> dict[str, mx.array]:
     """Logits of every token, and every layer's keys and values, after running `tokens`
     through a fresh cache in pieces of `sizes`."""
-    cache = SinkWindowCache(CacheShape(0, len(tokens), len(tokens)), layer_shifters(model))
+    cache = _fresh_cache(model, len(tokens))
     logits, start = [], 0
     for size in sizes:
-        logits.append(model(mx.array(tokens[start : start + size])[None], cache=cache.layers)[0])
+        logits.append(forward_one(model, cache.layers, tokens[start : start + size]))
         start += size
-    outputs = {"logits": mx.concatenate(logits, axis=0)}
-    for i, layer in enumerate(cache.layers):
-        outputs[f"layer {i} keys"] = layer.keys[..., : len(tokens), :]
-        outputs[f"layer {i} values"] = layer.values[..., : len(tokens), :]
-    mx.eval(outputs)
-    return outputs
+    return _outputs(cache, logits, len(tokens))
+
+
+def _batching(model: nn.Module, tokens: list[int], vocab_size: int) -> Check:
+    """Token by token, alone and beside a longer row that feeds two tokens a step."""
+    alone = _forward_in_pieces(model, tokens, [1] * len(tokens))
+    cache, other = _fresh_cache(model, len(tokens)), _fresh_cache(model, 4 * len(tokens))
+    neighbour = [(53 * i + 5) % vocab_size for i in range(3 * len(tokens))]
+    mx.eval(forward_one(model, other.layers, neighbour[: len(tokens)]))
+    logits = []
+    for i, token in enumerate(tokens):
+        inputs = mx.array([[token, 0], neighbour[2 * i : 2 * i + 2]])
+        logits.append(forward_batch(model, [cache.layers, other.layers], inputs, [1, 2])[0, :1])
+    return _compare(alone, [_outputs(cache, logits, len(tokens))])
 
 
 def _compare(reference: dict[str, mx.array], others: list[dict[str, mx.array]]) -> Check:
@@ -122,20 +163,23 @@ def probe_cached(model: nn.Module, vocab_size: int, model_key: str, folder: Path
     file = folder / f"{_key(model_key)}.json"
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-        kept = data["chunking"]
-        check = Check(bool(kept["invariant"]), tuple(kept["differed"]), float(kept["max_abs_diff"]))
-        found = ProbeResult(data["backend"], check)
+        found = ProbeResult(data["backend"], _check(data["chunking"]), _check(data["batching"]))
         os.utime(file)  # recently used
         return found, True
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not probed yet (or an unreadable file): probe now
-    log.info("probing whether this backend computes a block the same at once and in pieces (once per model)")
+    log.info("probing whether this backend computes the same bits in pieces and batched (once per model)")
     found = probe(model, vocab_size)
     try:
-        _store(folder, file, {"backend": found.backend, "chunking": asdict(found.chunking)})
+        kept = {"backend": found.backend, "chunking": asdict(found.chunking), "batching": asdict(found.batching)}
+        _store(folder, file, kept)
     except OSError as e:
         log.warning("cannot keep the probe result in %s: %s", folder, e)
     return found, False
+
+
+def _check(kept: dict) -> Check:
+    return Check(bool(kept["invariant"]), tuple(kept["differed"]), float(kept["max_abs_diff"]))
 
 
 def model_fingerprint(path: Path, config: dict, dtype: str) -> str:

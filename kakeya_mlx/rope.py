@@ -83,6 +83,22 @@ def rope_spec(rope: nn.Module, max_positions: int) -> RopeSpec:
     )
 
 
+def make_batchable(model: nn.Module, max_positions: int) -> None:
+    """Swap RoPE modules that cannot take one offset per row for exact equivalents.
+
+    A batched forward pass gives every row its own RoPE offset (an array).
+    Dynamic-NTK RoPE picks its base from the sequence length in Python, which an
+    array cannot answer; below its trained length (where `rope_spec` keeps the
+    cache) that base is the original one, so a plain RoPE with it computes the
+    very same rotation.
+    """
+    for layer in getattr(model, "layers", []):
+        attn = getattr(layer, "self_attn", None)
+        rope = getattr(attn, "rope", None)
+        if isinstance(rope, rope_utils.DynamicNTKScalingRoPE) and max_positions <= rope.max_position_embeddings:
+            attn.rope = nn.RoPE(rope.dims, traditional=rope.traditional, base=rope.base, scale=1.0)
+
+
 def layer_shifters(model: nn.Module, max_positions: Optional[int] = None) -> list[RopeSpec]:
     """One `RopeSpec` per transformer layer, read from each layer's attention."""
     layers = getattr(model, "layers", None)

@@ -1,12 +1,14 @@
 """Token selection: greedy, or seeded sampling with temperature / top-k / top-p / min-p,
-and an optional repetition penalty. Everything stays on the device; the only host
-sync per token is reading the chosen id."""
+and optional repetition, frequency and presence penalties. Everything stays on the
+device; the only host sync per token is reading the chosen id."""
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import mlx.core as mx
+import numpy as np
 from kakeya_protocol import params as rules
 
 from .errors import InvalidArgumentError
@@ -26,6 +28,8 @@ class SamplingParams:
     min_p: float = rules.RULES["min_p"].default
     repetition_penalty: float = rules.RULES["repetition_penalty"].default
     repetition_context: int = rules.REPETITION_CONTEXT
+    frequency_penalty: float = rules.RULES["frequency_penalty"].default
+    presence_penalty: float = rules.RULES["presence_penalty"].default
     seed: Optional[int] = None
 
     def validate(self) -> None:
@@ -55,6 +59,16 @@ def apply_repetition_penalty(logits: mx.array, recent: list[int], penalty: float
     penalty = float(penalty)
     logits[:, ids] = mx.where(picked < 0, picked * penalty, picked / penalty)
     return logits
+
+
+def apply_occurrence_penalties(
+    logits: mx.array, generated: Sequence[int], frequency: float, presence: float
+) -> mx.array:
+    """OpenAI's penalties: each logit minus frequency x the token's count in `generated`, minus presence if there."""
+    if (frequency == 0 and presence == 0) or not generated:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    return logits.at[:, mx.array(ids)].add(-mx.array(counts * float(frequency) + float(presence), mx.float32))
 
 
 def _filter(logprobs: mx.array, params: SamplingParams) -> mx.array:
@@ -95,25 +109,37 @@ class Sampler:
         self._key, draw = mx.random.split(self._key)
         return draw
 
-    def adjusted(self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None) -> mx.array:
-        """Logits (rows, vocab) in float32 after the repetition penalty, and -inf where `mask` is False."""
-        adjusted = apply_repetition_penalty(logits.astype(mx.float32), recent, self.params.repetition_penalty)
+    def adjusted(
+        self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None, generated: Sequence[int] = ()
+    ) -> mx.array:
+        """Logits (rows, vocab) in float32 after the penalties, and -inf where `mask` is False.
+
+        `recent` is what repetition_penalty looks at (the history's last tokens);
+        `generated` what frequency_penalty and presence_penalty count (this turn's tokens so far).
+        """
+        p = self.params
+        adjusted = apply_repetition_penalty(logits.astype(mx.float32), recent, p.repetition_penalty)
+        adjusted = apply_occurrence_penalties(adjusted, generated, p.frequency_penalty, p.presence_penalty)
         if mask is not None:
             adjusted = mx.where(mask, adjusted, mx.array(-float("inf"), mx.float32))
         return adjusted
 
-    def logprobs(self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None) -> mx.array:
-        """The normalized log-distribution sampling draws from: penalty, mask, temperature, then top-k / top-p / min-p."""
-        scaled = self.adjusted(logits, recent, mask) / float(self.params.temperature)
+    def logprobs(
+        self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None, generated: Sequence[int] = ()
+    ) -> mx.array:
+        """The normalized log-distribution sampling draws from: penalties, mask, temperature, top-k / top-p / min-p."""
+        scaled = self.adjusted(logits, recent, mask, generated) / float(self.params.temperature)
         scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
         kept = _filter(scaled, self.params)
         return kept - mx.logsumexp(kept, axis=-1, keepdims=True)
 
-    def pick(self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None) -> mx.array:
+    def pick(
+        self, logits: mx.array, recent: list[int], mask: Optional[mx.array] = None, generated: Sequence[int] = ()
+    ) -> mx.array:
         """The next token id as a (1,) array, lazily; only where `mask` is True, when given."""
         if self.params.greedy:
-            return mx.argmax(self.adjusted(logits, recent, mask), axis=-1)
-        return mx.random.categorical(self.logprobs(logits, recent, mask), key=self.next_key())
+            return mx.argmax(self.adjusted(logits, recent, mask, generated), axis=-1)
+        return mx.random.categorical(self.logprobs(logits, recent, mask, generated), key=self.next_key())
 
 
 def make_sampler(params: SamplingParams) -> Callable[[mx.array, list[int]], mx.array]:

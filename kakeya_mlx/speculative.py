@@ -22,14 +22,15 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from kakeya_protocol import params as rules
 
 from .batch import forward_one
 from .cache import CacheShape, SinkWindowCache
 from .errors import InvalidArgumentError, ModelLoadError
-from .rope import RopeSpec, layer_shifters
+from .rope import RopeSpec, layer_shifters, make_batchable
 
-MODES = ("off", "auto", "prompt_lookup", "draft")
-MAX_DRAFT_TOKENS = 16
+MODES = rules.SPECULATIVE_MODES
+MAX_DRAFT_TOKENS = rules.MAX_DRAFT_TOKENS
 LOOKUP_MAX_NGRAM = 4
 LOOKUP_MIN_NGRAM = 2
 # Most n-grams one session's prompt-lookup index holds; past it, the oldest half is dropped.
@@ -37,18 +38,14 @@ LOOKUP_MAX_ENTRIES = 1 << 20
 
 
 def check_mode(mode, num_draft_tokens, has_draft_model: bool) -> None:
-    """Raise InvalidArgumentError naming the field for a bad speculative choice."""
-    if mode is not None and mode not in MODES:
-        raise InvalidArgumentError(f"speculative={str(mode)[:40]!r}: must be one of {', '.join(MODES)}")
+    """Raise InvalidArgumentError naming the field for a bad speculative choice (the shared rules)."""
+    for name, value in (("speculative", mode), ("num_draft_tokens", num_draft_tokens)):
+        if value is not None and rules.problem(name, value):
+            raise InvalidArgumentError(rules.explain(name, value))
     if mode == "draft" and not has_draft_model:
         raise InvalidArgumentError(
             "speculative='draft' needs a draft model, and this engine has none (start it with --draft-model)"
         )
-    if num_draft_tokens is not None:
-        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
-            raise InvalidArgumentError(f"num_draft_tokens={num_draft_tokens!r}: must be an integer")
-        if not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
-            raise InvalidArgumentError(f"num_draft_tokens={num_draft_tokens}: must be in [1, {MAX_DRAFT_TOKENS}]")
 
 
 class PromptLookup:
@@ -94,6 +91,7 @@ class DraftModel:
         self.model: nn.Module = loaded.model
         self.shape = shape
         self.ropes: list[RopeSpec] = layer_shifters(loaded.model, shape.bound)
+        make_batchable(loaded.model, shape.bound)
 
     def new_cache(self) -> SinkWindowCache:
         return SinkWindowCache(self.shape, self.ropes)

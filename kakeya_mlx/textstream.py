@@ -118,6 +118,13 @@ class TextStream:
         return self._text[start : self.stop_at]
 
     @property
+    def stop_sequence(self) -> Optional[str]:
+        """After a stop: the stop string found (the first listed, where several start at the same place)."""
+        if self.stop_at is None:
+            return None
+        return next(s for s in self._stop if self._text.startswith(s, self.stop_at))
+
+    @property
     def pending_tokens(self) -> int:
         """Tokens fed but not final yet (their text is held back)."""
         return len(self._ids) - self.final_tokens

@@ -27,7 +27,7 @@ import string
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from .constrain import check_json_schema, json_compile_options
+from .constrain import CANONICAL_JSON, check_json_schema
 from .errors import InvalidArgumentError
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -361,6 +361,33 @@ def _with_user_block(messages: list[dict], tools: Sequence[Tool]) -> list[dict]:
     return out
 
 
+class ModelTools:
+    """One model's tool calling: its call format, prompts with tools, forced calls and a reply parser."""
+
+    def __init__(self, tokenizer, chat_template: str | None):
+        self.tokenizer = tokenizer
+        self.support = tool_support(tokenizer, chat_template)
+        vocab = tokenizer.get_vocab()
+        # Only the markers matter to tool_choice_constraint; the whole vocabulary is large.
+        self._markers = {m: vocab[m] for m in (HERMES_OPEN, HERMES_CLOSE, MISTRAL_MARKER, PYTHON_TAG) if m in vocab}
+
+    @property
+    def format(self) -> ToolCallFormat:
+        return self.support.format
+
+    def render(self, messages: list[dict], tools: Sequence[Tool], add_generation_prompt: bool = True) -> str:
+        """The conversation as the prompt text; see render_prompt."""
+        return render_prompt(self.tokenizer, self.support, messages, tools, add_generation_prompt)
+
+    def constraint(self, tools: Sequence[Tool], choice: ToolChoice, parallel: bool) -> dict | None:
+        """The constraint spec forcing a call for "required" or a named function; None otherwise."""
+        return tool_choice_constraint(self.format, tools, choice, parallel=parallel, vocab=self._markers)
+
+    def parser(self, tools: Sequence[Tool]) -> "ToolCallParser":
+        """A streaming parser for a reply that may call `tools`."""
+        return ToolCallParser(self.format, [t.name for t in tools])
+
+
 # ---- forcing a call --------------------------------------------------------------------
 
 
@@ -378,7 +405,9 @@ def tool_choice_constraint(
     arguments follow its parameters schema; with `parallel`, up to MAX_FORCED_CALLS calls
     (Llama 3 templates take one). `vocab` (token text to id, the tokenizer's get_vocab())
     lets markers that are single tokens in the model's vocabulary be forced as those
-    tokens, as the model was trained to write them.
+    tokens, as the model was trained to write them. The call's JSON is written the way
+    templates render calls back (constrain.CANONICAL_JSON), so the next turn's prompt
+    extends the reply exactly.
     """
     if choice.mode in ("none", "auto"):
         return None
@@ -392,7 +421,7 @@ def tool_choice_constraint(
         }
         for t in allowed
     ]
-    body = {"x-guidance": json_compile_options(strict=False), **({"anyOf": calls} if len(calls) > 1 else calls[0])}
+    body = {"x-guidance": CANONICAL_JSON, **({"anyOf": calls} if len(calls) > 1 else calls[0])}
     more = f"{{0,{MAX_FORCED_CALLS - 1}}}"
 
     def marker(text: str) -> str:

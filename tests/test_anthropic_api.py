@@ -144,7 +144,8 @@ def test_the_client_reads_a_reply_with_a_forced_tool_call(loaded_qwen3):
         {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"},
         {"role": "user", "content": "And tomorrow?"},
     ]
-    assert request.params == {} and request.tool_choice.mode == "required"  # sampling: the defaults in force
+    # Only what the body gave: the daemon core supplies the defaults in force (no temperature here).
+    assert request.params == {"max_tokens": 200} and request.tool_choice.mode == "required"
 
 
 def test_the_client_accumulates_our_stream_events(loaded_qwen3):
@@ -161,7 +162,7 @@ def test_the_client_accumulates_our_stream_events(loaded_qwen3):
                 chunks += stream.tool_call(item) if isinstance(item, ToolCallDelta) else stream.text(item)
         for item in parser.finish():
             chunks += stream.tool_call(item) if isinstance(item, ToolCallDelta) else stream.text(item)
-        chunks += stream.finish(stop_reason("eos", bool(parser.calls)), None, n_out)
+        chunks += stream.finish(stop_reason("eos", bool(parser.calls)), None, Usage(n_in, n_out, 5))
         call_ids.extend(c.id for c in parser.calls)
         events_sent.extend(json.loads(c.decode().split("data: ", 1)[1])["type"] for c in chunks)
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b"".join(chunks))
@@ -206,7 +207,7 @@ def test_plain_text_streams_in_one_block_with_its_stop_reason():
         + stream.text("Hello")
         + stream.text("")
         + stream.text(", world")
-        + stream.finish("max_tokens", None, 2)
+        + stream.finish("max_tokens", None, Usage(3, 2))
     )
 
     client = _client(
@@ -324,7 +325,7 @@ def test_requests_map_to_engine_terms():
     )
     assert request.messages == [{"role": "system", "content": "One.\n\nTwo."}, {"role": "user", "content": "Say hi"}]
     assert request.prefill == "Hi"  # a final assistant message is continued
-    assert request.params == {"temperature": 0.0, "top_p": 0.9, "top_k": 5}
+    assert request.params == {"max_tokens": 9, "temperature": 0.0, "top_p": 0.9, "top_k": 5, "stop": ["\n\n"]}
     assert request.stop_sequences == ["\n\n"] and request.max_tokens == 9
     assert request.tool_choice.mode == "auto" and not request.parallel_tool_calls
     assert request.constraint(HERMES) is None  # auto forces nothing

@@ -314,3 +314,32 @@ def test_truncated_events_follow_each_sessions_own_window(loaded):
         truncated = [e for e in events if isinstance(e, TruncatedEvent)]
         assert sum(e.evicted for e in truncated) == info["evicted_tokens"]
         assert truncated and truncated[-1].total_evicted == info["evicted_tokens"]
+
+
+def _variants():
+    from tools.make_test_model import VARIANTS
+
+    return sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", _variants())
+def test_every_model_variant_batches_exactly(make_model, variant):
+    """Each RoPE kind takes one offset per row: two sessions of different lengths, batched and alone."""
+    loaded = dataclasses.replace(load_model(make_model(variant)), eos_token_ids=[])
+    prompts = [_prompt(loaded.vocab_size, 13, seed=71), _prompt(loaded.vocab_size, 58, seed=72)]
+
+    async def scenario():
+        engine = _engine(loaded)
+        await engine.start()
+        try:
+            alone = [await _run(engine, p, max_tokens=40) for p in prompts]
+            sids = await _sessions(engine, prompts)
+            together = await asyncio.gather(*(_drain(engine.generate(s, max_tokens=40)) for s in sids))
+            return alone, [t[-1] for t in together], engine.scheduler_counters()["largest_batch"]
+        finally:
+            await engine.stop()
+
+    alone, together, largest = asyncio.run(scenario())
+    assert largest == 2
+    for a, b in zip(alone, together):
+        assert b.token_ids == a.token_ids

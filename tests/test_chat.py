@@ -118,7 +118,9 @@ class _FailsPastLength:
         return getattr(self._model, name)
 
     def __call__(self, inputs, cache=None, **kwargs):
-        if not self.failed and cache[0].offset + inputs.shape[1] > self._length:
+        # Batched caches give one offset per row; the fault fires on the longest.
+        longest = int(mx.max(mx.array(cache[0].offset)).item())
+        if not self.failed and longest + inputs.shape[1] > self._length:
             self.failed = True
             raise RuntimeError("injected device fault")
         return self._model(inputs, cache=cache, **kwargs)

@@ -75,6 +75,27 @@ def test_generate_reads_the_prompt_from_stdin_and_speaks_chat(daemon):
     assert done["prompt_tokens"] > 3 and done["generated_tokens"] >= 1
 
 
+def test_generate_with_a_json_schema_file_prints_json_that_validates(daemon, tmp_path):
+    _, sock = daemon
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = kakeya("generate", "--socket", sock, "--max-tokens", "60", "--chat", "--json-schema",
+                 str(tmp_path / "schema.json"), "--frequency-penalty", "0.5", "Reply in JSON.")
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert isinstance(reply["ok"], bool) and 0 <= reply["n"] <= 9 and set(reply) == {"ok", "n"}
+    missing = kakeya("generate", "--socket", sock, "--json-schema", str(tmp_path / "nope.json"), "hi")
+    assert missing.returncode == 2 and "--json-schema" in missing.stderr
+    (tmp_path / "bad.json").write_text('{"type": "objekt"}')
+    bad = kakeya("generate", "--socket", sock, "--json-schema", str(tmp_path / "bad.json"), "hi")
+    assert bad.returncode == 1 and "constraint.schema" in bad.stderr
+
+
 def test_bad_arguments_fail_with_one_clear_line(daemon):
     _, sock = daemon
     out = kakeya("generate", "--socket", sock, "--max-tokens", "0", "hi")

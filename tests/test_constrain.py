@@ -173,7 +173,7 @@ def test_rollback_then_a_different_path(loaded_qwen3, constrainer):
 def test_accept_refuses_a_disallowed_token_and_keeps_its_state(loaded_qwen3, constrainer):
     matcher = constrainer.matcher(constrainer.compile({"type": "regex", "pattern": "ab|abc"}))
     a, b, c, x = (_valid_ids(constrainer, s)[0] for s in "abcx")
-    eos = loaded_qwen3.eos_token_ids[0]
+    eos = loaded_qwen3.tokenizer.eos_token_id  # the end token a constrained text ends with
     with pytest.raises(TokenRejectedError):
         matcher.accept(x)
     matcher.accept(a)
@@ -186,7 +186,7 @@ def test_accept_refuses_a_disallowed_token_and_keeps_its_state(loaded_qwen3, con
     assert mask[eos].item() and mask[c].item() and not mask[x].item()
     matcher.accept(c)
     assert matcher.is_finished() and matcher.eos_allowed()
-    assert mx.array_equal(matcher.allowed_mask(), _only(mask.shape[0], loaded_qwen3.eos_token_ids))
+    assert mx.array_equal(matcher.allowed_mask(), _only(mask.shape[0], [eos]))
     matcher.accept(eos)
 
 
@@ -217,6 +217,25 @@ def test_mask_covers_the_logits_width_padding_with_disallowed(loaded_qwen3):
     mask = constrainer.matcher(constrainer.compile({"type": "json_object"})).allowed_mask()
     assert mask.shape == (wider,) and mask.dtype == mx.bool_
     assert not mask[loaded_qwen3.vocab_size :].any().item() and mask.any().item()
+
+
+def test_a_finished_text_ends_with_the_tokenizers_own_end_token(loaded_qwen3):
+    eos = loaded_qwen3.eos_token_ids  # <|endoftext|> and <|im_end|>, the tokenizer's own
+    end = loaded_qwen3.tokenizer.eos_token_id
+    assert len(eos) == 2 and end in eos
+    for constrainer, allowed in (
+        (Constrainer.for_model(loaded_qwen3), {end}),
+        (Constrainer(tokenizer_json_of(loaded_qwen3), eos, loaded_qwen3.vocab_size), set(eos)),
+    ):
+        matcher = constrainer.matcher(constrainer.compile({"type": "regex", "pattern": "ok"}))
+        for token in constrainer.tokenize("ok"):
+            matcher.accept(token)
+        mask = matcher.allowed_mask().tolist()
+        assert matcher.is_finished() and {t for t, ok in enumerate(mask) if ok} == allowed
+        other = next(iter(set(eos) - allowed), None)
+        if other is not None:
+            with pytest.raises(TokenRejectedError):
+                matcher.accept(other)
 
 
 def test_compiled_constraints_are_cached_in_a_bounded_lru(loaded_qwen3):

@@ -286,19 +286,27 @@ async def test_shutdown_ends_socket_and_http_generations_with_their_endings(qwen
         await streamer.next_frame(gen["id"])
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
             body = {"messages": CHAT, "max_tokens": 1000, "stream": True}
-            async with http.post(url_of(d) + "/v1/chat/completions", json=body) as response:
-                events = sse_events(response)
+            async with (
+                http.post(url_of(d) + "/v1/chat/completions", json=body) as response,
+                http.post(url_of(d) + "/v1/messages", json={**body, "model": "m"}) as messages,
+            ):
+                events, anthropic_events = sse_events(response), sse_events(messages)
                 await events.__anext__()
+                await anthropic_events.__anext__()
                 admin = await RawClient.connect(d.socket_path)
                 assert await admin.result("shutdown") == {"ok": True}
                 rest = [e async for e in events]
+                anthropic_rest = [json.loads(e) async for e in anthropic_events]
         assert rest[-1] == b"[DONE]" and json.loads(rest[-2])["error"]["code"] == "cancelled"
+        # Anthropic's stream ends with an error event instead of message_stop.
+        assert anthropic_rest[-1]["type"] == "error" and "cancelled" in anthropic_rest[-1]["error"]["message"]
+        assert "message_stop" not in [e["type"] for e in anthropic_rest]
         done = done_of(await streamer.events(gen["id"]))
         assert done["stop_reason"] == "cancelled" and done["generated_tokens"] < 1000
         await d.wait_stopped()
         await streamer.close()
         await admin.close()
-    assert "shutting down: 2 generation(s) in flight" in caplog.text
+    assert "shutting down: 3 generation(s) in flight" in caplog.text
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="connecting as another user needs root")

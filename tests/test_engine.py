@@ -267,7 +267,7 @@ async def test_info_reports_live_kv_bytes_flat_once_the_window_is_full(engine, l
         info = await engine.session_info(sid)
         session = engine._sessions[sid]
         assert info["kv_bytes"] == sum(a.nbytes for a in session.cache.arrays()) > 0
-        assert info["cached_tokens"] + info["evicted_tokens"] == info["history_length"]
+        assert info["cache_length"] + info["evicted_tokens"] == info["history_length"]
         sizes.append(info["kv_bytes"])
     bound = CONFIG.sink + CONFIG.window + CONFIG.block
     assert sizes[-1] == bound * loaded.kv_bytes_per_token

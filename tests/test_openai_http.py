@@ -133,8 +133,8 @@ async def test_models_health_and_bearer_keys(front):
     models = await client.models.list()
     assert [m.id for m in models.data] == [front.model]
     assert (await client.models.retrieve(front.model)).id == front.model
-    with pytest.raises(openai.NotFoundError):
-        await client.models.retrieve("no-such-model")
+    # One model is served, so any id names it; the reply says which it is.
+    assert (await client.models.retrieve("gpt-4o")).id == front.model
 
     with pytest.raises(openai.AuthenticationError) as wrong:
         await front.client(api_key="sk-wrong").models.list()
@@ -337,16 +337,14 @@ async def test_at_most_max_sessions_least_recently_used_closed(endless):
         ({"messages": QUESTION, "stop": [1]}, "stop"),
         ({"messages": QUESTION, "stream": "yes"}, "stream"),
         ({"messages": QUESTION, "n": 2}, "n"),
-        ({"messages": QUESTION, "logprobs": True}, "logprobs"),
-        ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
-        ({"messages": QUESTION, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"messages": QUESTION, "logprobs": "yes"}, "logprobs"),
+        ({"messages": QUESTION, "presence_penalty": 2.5}, "presence_penalty"),
+        ({"messages": QUESTION, "functions": [{"name": "f"}]}, "functions"),
         ({"messages": QUESTION, "model": 5}, "model"),
         ({"messages": []}, "messages"),
         ({"messages": "hello"}, "messages"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, "messages[0].role"),
         (
             {
                 "messages": [
@@ -404,8 +402,6 @@ async def test_malformed_and_oversize_bodies(front):
     with pytest.raises(openai.BadRequestError) as bad:
         await front.client().chat.completions.create(model=front.model, messages=QUESTION, n=2)
     assert bad.value.param == "n"
-    with pytest.raises(openai.NotFoundError):
-        await front.client().chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=2)
 
 
 async def test_admission_refusal_is_a_429_and_counted(endless):

@@ -23,7 +23,7 @@ import pytest
 from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.loader import load_model
-from kakeya_mlx.probe import PIECES, TOKENS, probe
+from kakeya_mlx.probe import PIECES, TOKENS, model_fingerprint, probe, probe_cached
 
 REPO = Path(__file__).resolve().parents[1]
 OPENBLAS = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
@@ -35,7 +35,18 @@ def test_the_probe_checks_every_layer_and_the_logits(loaded_qwen3):
     assert found.chunk_invariant == found.chunking.invariant == (found.chunking.differed == ())
     assert (found.chunking.max_abs_diff == 0.0) == found.chunk_invariant
     assert all(sum(sizes) == TOKENS for sizes in PIECES) and any(1 in sizes for sizes in PIECES)
-    assert ("identical" in found.describe()) == found.chunk_invariant
+    assert found.batch_invariant == found.batching.invariant == (found.batching.differed == ())
+    for check, what in ((found.chunking, "in pieces give"), (found.batching, "batched with others give")):
+        assert (f"{what} identical bits" in found.describe()) == check.invariant
+
+
+@pytest.mark.skipif(
+    platform.backend() != "cpu" or sys.platform != "linux" or "LD_PRELOAD" in os.environ,
+    reason="MLX's Linux CPU wheel, with its own reference BLAS",
+)
+def test_the_linux_cpu_wheel_is_batch_invariant(loaded_qwen3):
+    found = probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
+    assert found.batch_invariant and found.batching.max_abs_diff == 0.0
 
 
 @pytest.mark.skipif(
@@ -90,6 +101,10 @@ def test_the_probe_result_is_kept_for_the_next_start_with_the_same_model(loaded_
     assert any("kept from an earlier start" in line for line in said_again)
     assert again.recompute_blocks == first.recompute_blocks
     assert len(list(tmp_path.glob("*.json"))) == 1
+    # Every check comes back as it was measured.
+    key = model_fingerprint(loaded_qwen3.path, loaded_qwen3.config, loaded_qwen3.dtype)
+    kept, reused = probe_cached(loaded_qwen3.model, loaded_qwen3.vocab_size, key, tmp_path)
+    assert reused and kept == probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
     # The same folder cast to another dtype is another model: probed anew.
     cast, said_cast = _engine_lines(load_model(qwen3_dir, dtype="bfloat16"), probe_cache_dir=str(tmp_path))
     assert not any("kept from an earlier start" in line for line in said_cast)
@@ -125,7 +140,8 @@ def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path
         found = probe(loaded.model, loaded.vocab_size)
         engine = Engine(loaded, EngineConfig(block=8, probe_cache_dir={str(probes)!r}))
         print(json.dumps({{"invariant": found.chunk_invariant, "differed": found.chunking.differed,
-                          "max_abs_diff": found.chunking.max_abs_diff, "recompute": engine.recompute_blocks}}))
+                          "max_abs_diff": found.chunking.max_abs_diff, "recompute": engine.recompute_blocks,
+                          "batch_invariant": found.batch_invariant}}))
         """
     )
     env = {**os.environ, "LD_PRELOAD": str(OPENBLAS), "LD_LIBRARY_PATH": str(_library_dir(tmp_path))}
@@ -137,5 +153,7 @@ def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path
     # On the tiny model only the vocabulary projection (the widest product) differs.
     assert not out["invariant"] and "logits" in out["differed"] and out["max_abs_diff"] > 0
     assert out["recompute"] is True
+    # Rows batched beside another are products over more rows too: the probe sees that as well.
+    assert out["batch_invariant"] is False
     assert reference.recompute_blocks is ("LD_PRELOAD" in os.environ)
     assert len(list(probes.glob("*.json"))) == 2

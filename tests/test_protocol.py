@@ -98,8 +98,9 @@ def test_server_message_vectors(vector):
     assert message == vector["message"]
     assert encode_frame(vector["message"]) == raw
     if not vector["valid"]:
-        with pytest.raises(ProtocolError):
+        with pytest.raises(ProtocolError) as caught:
             parse_server_message(message)
+        assert vector.get("error_mentions", "") in str(caught.value)
         return
     parsed = parse_server_message(message)
     kind = {Reply: "result", ErrorReply: "error", EventMessage: "event"}[type(parsed)]

@@ -119,6 +119,6 @@ def test_positions_stay_bounded_past_the_trained_range(make_model):
     events, info = asyncio.run(run())
     assert info["history_length"] == 320 > 4 * loaded.max_position_embeddings
     assert info["positions"]["last"] < info["positions"]["bound"] == 48 <= 64
-    assert info["evicted_tokens"] == 320 - info["cached_tokens"]
+    assert info["evicted_tokens"] == 320 - info["cache_length"]
     assert events[-1].stop_reason in ("max_tokens", "eos")
     assert any(e.__class__.__name__ == "TruncatedEvent" for e in events)

@@ -327,3 +327,38 @@ def test_the_policy_drafts_only_where_it_can_pay():
     probes = [i for i, k in enumerate(picks) if k]
     assert 3 <= len(probes) <= 10 and probes[1] - probes[0] < probes[-1] - probes[-2]
     assert poor.choose(4, linear, 0.0, forced=True) >= 1
+
+
+def test_speculation_and_batching_together(target, same_draft):
+    """Named drafters speculate while batched (one padded verification pass for all of them)
+    and stay exact; auto falls back to plain rows in a batch, as documented."""
+    prompts = [_prompt(target.vocab_size, 7 + 3 * i, seed=40 + i, repeat=4) for i in range(4)]
+
+    async def scenario(engine):
+        plain = [(await _generate(engine, p, max_tokens=40, speculative="off"))[0] for p in prompts]
+        out = {}
+        for mode in ("prompt_lookup", "draft", "auto"):
+            sids = []
+            for p in prompts:
+                sid = await engine.create_session()
+                await engine.append(sid, tokens=p)
+                sids.append(sid)
+            before = engine.scheduler_counters()
+            async def drain(stream):
+                return [e async for e in stream]
+
+            runs = await asyncio.gather(*(drain(engine.generate(s, max_tokens=40, speculative=mode)) for s in sids))
+            after = engine.scheduler_counters()
+            out[mode] = ([r[-1] for r in runs], after["largest_batch"], after["verify_rows"] - before["verify_rows"])
+        return plain, out
+
+    plain, out = _run(target, scenario, draft=same_draft)
+    for mode, (dones, largest, verified) in out.items():
+        assert [d.token_ids for d in dones] == [p.token_ids for p in plain], mode
+        assert largest >= 2
+        if mode == "auto":
+            assert verified == 0 and all(d.draft_tokens == 0 for d in dones)
+        elif mode == "draft":
+            assert verified > 0 and all(d.draft_tokens > 0 for d in dones)
+        else:  # prompt lookup drafts only where an n-gram recurs
+            assert verified > 0 and sum(d.draft_tokens for d in dones) > 0

@@ -4,10 +4,13 @@ Pure functions and dataclasses; the HTTP front calls them. A `POST /v1/messages`
 becomes a `MessagesRequest`: chat messages in the OpenAI-like shape that
 `kakeya_mlx.toolcalls.render_prompt` renders (tool_use blocks become assistant
 `tool_calls`, tool_result blocks become `tool` messages), the tools, the tool choice,
-sampling parameters and stop sequences. Replies are built from what the decode loop
+and the generation parameters as wire-style generate params (the shared rules in
+kakeya_protocol.params give the defaults, as for every front). Replies are built from what the decode loop
 produced (text, parsed tool calls, the engine's stop reason, token counts), and
 `MessageStream` turns a generation's pieces into Anthropic's exact SSE event sequence.
 Errors use Anthropic's shape: {"type": "error", "error": {"type": ..., "message": ...}}.
+Longer than most modules: it is a whole API's mapping (requests, replies, stream
+events), kept apart from the HTTP handlers so it can be tested without a server.
 """
 
 import json
@@ -17,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kakeya_mlx.constrain import check_json_schema
+from kakeya_protocol import params as rules
 from kakeya_mlx.errors import EngineError
 from kakeya_mlx.toolcalls import (
     TOOL_NAME,
@@ -38,6 +42,17 @@ ERROR_STATUS = {
     "internal": (500, "api_error"),
 }
 STOP_REASONS = {"eos": "end_turn", "max_tokens": "max_tokens", "stop_sequence": "stop_sequence"}
+# Anthropic's range for temperature is narrower than the shared rules' [0, 2].
+MAX_TEMPERATURE = 1.0
+# top_p 0 keeps only the most likely token, as top_p -> 0 does; the shared rules need it > 0.
+SMALLEST_TOP_P = 1e-9
+# The OpenAI error types the front raises before it knows the API, in Anthropic's terms.
+_FROM_OPENAI_TYPES = {
+    "invalid_request_error": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "permission_error": "permission_error",
+    "rate_limit_error": "rate_limit_error",
+}
 
 
 class AnthropicError(Exception):
@@ -51,6 +66,15 @@ class AnthropicError(Exception):
     def from_engine(cls, exc: EngineError) -> "AnthropicError":
         status, error_type = ERROR_STATUS.get(exc.code, (500, "api_error"))
         return cls(exc.message, status, error_type)
+
+    @classmethod
+    def from_openai(cls, status: int, message: str, error_type: str) -> "AnthropicError":
+        """An error the HTTP front raised in OpenAI terms (auth, body, limits), in Anthropic's."""
+        if status == 404:
+            return cls(message, status, "not_found_error")
+        if status == 413:
+            return cls(message, status, "request_too_large")
+        return cls(message, status, _FROM_OPENAI_TYPES.get(error_type, "api_error"))
 
     def body(self) -> dict:
         return {"type": "error", "error": {"type": self.error_type, "message": self.message}}
@@ -70,8 +94,8 @@ class MessagesRequest:
     tool_choice: ToolChoice
     parallel_tool_calls: bool
     max_tokens: int | None  # None only for count_tokens
-    # The request's own sampling fields as wire-style generate params (temperature, top_p, top_k):
-    # the daemon core fills the rest with the defaults in force, as for every front.
+    # Wire-style generate params: max_tokens, temperature, top_p, top_k, stop (those given); the
+    # daemon core fills the rest with the defaults in force, as for every front.
     params: dict
     stop_sequences: list[str]
     stream: bool
@@ -120,6 +144,8 @@ def _parse(body: object, count_only: bool) -> MessagesRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "must be true or false")
+    stop_sequences = [] if count_only else _stop_sequences(body.get("stop_sequences"))
+    params = {} if count_only else _params(body, max_tokens, stop_sequences)
     return MessagesRequest(
         model=model,
         messages=messages,
@@ -127,8 +153,8 @@ def _parse(body: object, count_only: bool) -> MessagesRequest:
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
         max_tokens=max_tokens,
-        params={} if count_only else _sampling(body),
-        stop_sequences=[] if count_only else _stop_sequences(body.get("stop_sequences")),
+        params=params,
+        stop_sequences=stop_sequences,
         stream=stream,
         prefill=prefill,
     )
@@ -152,22 +178,31 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
     return float(value)
 
 
-def _sampling(body: dict) -> dict:
-    """The body's sampling fields that are given, as wire-style params; absent ones take the defaults in force."""
-    params = {"temperature": _number(body, "temperature", 0.0, 1.0), "top_k": body.get("top_k")}
-    top_k, top_p = params["top_k"], _number(body, "top_p", 0.0, 1.0)
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise _bad("top_k", "must be an integer >= 0")
+def _params(body: dict, max_tokens: int, stop_sequences: list[str]) -> dict:
+    """The generation fields given, as wire-style generate params; those left out take the defaults in force."""
+    params: dict = {"max_tokens": max_tokens}
+    temperature = _number(body, "temperature", 0.0, MAX_TEMPERATURE)
+    if temperature is not None:
+        params["temperature"] = temperature
+    top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p is not None:
-        params["top_p"] = max(top_p, 1e-9)  # top_p 0 keeps only the likeliest token, as top_p -> 0 does
-    return {name: value for name, value in params.items() if value is not None}
+        params["top_p"] = max(top_p, SMALLEST_TOP_P)
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if not _is_int(top_k) or not 0 <= top_k <= rules.MAX_TOP_K:
+            raise _bad("top_k", f"must be an integer in [0, {rules.MAX_TOP_K}]")
+        params["top_k"] = top_k
+    if stop_sequences:
+        params["stop"] = stop_sequences
+    return params
 
 
 def _stop_sequences(value: object) -> list[str]:
     if value is None:
         return []
-    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-        raise _bad("stop_sequences", "must be a list of non-empty strings")
+    problem = rules.stop_problem(value)
+    if problem is not None:
+        raise _bad("stop_sequences", problem)
     return list(value)
 
 
@@ -321,11 +356,13 @@ def _tool_choice(value: object, tools: Sequence[Tool]) -> tuple[ToolChoice, bool
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts: `input_tokens` ran through the model now; `cache_read_input_tokens` were resident already."""
+    """Token counts: `input_tokens` ran through the model now; `cache_read_input_tokens` were resident already;
+    `evicted_tokens` (ours) are tokens of the conversation the model no longer sees (the window slid past them)."""
 
     input_tokens: int
     output_tokens: int = 0
     cache_read_input_tokens: int = 0
+    evicted_tokens: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -333,6 +370,7 @@ class Usage:
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": self.cache_read_input_tokens,
+            "evicted_tokens": self.evicted_tokens,
         }
 
 
@@ -423,11 +461,14 @@ class MessageStream:
             )
         return out
 
-    def finish(self, reason: str, stop_sequence: str | None, output_tokens: int) -> list[bytes]:
+    def finish(self, reason: str, stop_sequence: str | None, usage: Usage) -> list[bytes]:
+        """Close the message; `usage` is the final count (message_start could only estimate the input side)."""
         out = self._close()
         delta = {"stop_reason": reason, "stop_sequence": stop_sequence if reason == "stop_sequence" else None}
-        usage = {"output_tokens": output_tokens}
-        return out + [sse({"type": "message_delta", "delta": delta, "usage": usage}), sse({"type": "message_stop"})]
+        return out + [
+            sse({"type": "message_delta", "delta": delta, "usage": usage.to_json()}),
+            sse({"type": "message_stop"}),
+        ]
 
     def error(self, exc: AnthropicError) -> list[bytes]:
         """An error after the stream began: Anthropic sends it as an `error` event."""

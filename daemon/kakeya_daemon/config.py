@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 from kakeya_mlx.locate import DEFAULT_MODEL  # locate.py imports no MLX: reading settings stays fast
 from kakeya_protocol import MAX_FRAME_BYTES, default_socket_path
+from kakeya_protocol.params import MAX_DRAFT_TOKENS, SPECULATIVE_MODES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QUEUE_POLICIES = ("queue", "reject")
@@ -48,6 +49,23 @@ class DaemonConfig:
     sink: int = _opt(4, "attention-sink tokens kept at the start of every session's cache")
     window: int = _opt(0, "most recent tokens kept in every session's cache; 0 fills the model's range up to 2048")
     block: int = _opt(64, "tokens per cache block: the cache commits and slides in whole blocks")
+    decode_batch_size: int = _opt(
+        16,
+        "most generations decoded together in one forward pass; 1 computes each session on its own "
+        "(bit-exact per session on backends whose kernels change with the batch size)",
+    )
+    prefill_step_tokens: int = _opt(
+        256, "most prompt tokens one generation processes between two decode steps of the others"
+    )
+    speculative: str = _opt(
+        "auto",
+        "speculative decoding when a request does not say: off, auto (drafts only where it measurably pays), "
+        "prompt_lookup, or draft (needs draft_model)",
+    )
+    num_draft_tokens: int = _opt(4, f"most tokens drafted per step when speculating (1-{MAX_DRAFT_TOKENS})")
+    draft_model: str = _opt(
+        "", "a small model sharing the model's tokenizer, drafting for speculative decoding; empty = none"
+    )
     max_sessions: int = _opt(
         64,
         "sessions held at once, both fronts together; beyond it the least recently used idle pooled HTTP "
@@ -88,10 +106,10 @@ class DaemonConfig:
     )
     shutdown_grace_s: float = _opt(10.0, "longest a stop waits for generations and replies to finish")
     log_level: str = _opt("info", "log verbosity: debug, info, warning or error")
-    http_host: str = _opt("127.0.0.1", "OpenAI-compatible HTTP front: address to listen on (keep it on loopback "
+    http_host: str = _opt("127.0.0.1", "HTTP front (OpenAI and Anthropic APIs): address to listen on (keep it on loopback "
                           "unless API keys are set)")
-    http_port: int = _opt(0, "OpenAI-compatible HTTP front: TCP port; 0 = off (the front is off by default)")
-    http_socket: str = _opt("", "OpenAI-compatible HTTP front: Unix socket path; empty = off")
+    http_port: int = _opt(0, "HTTP front (OpenAI and Anthropic APIs): TCP port; 0 = off (the front is off by default)")
+    http_socket: str = _opt("", "HTTP front (OpenAI and Anthropic APIs): Unix socket path; empty = off")
     http_api_keys: str = _opt("", "comma-separated bearer keys the HTTP front requires; empty = no auth")
     http_max_body_bytes: int = _opt(1 << 20, "largest HTTP request body (bigger ones get 413)", kind="size")
     http_max_sessions: int = _opt(
@@ -99,6 +117,11 @@ class DaemonConfig:
     )
     http_max_connections: int = _opt(64, "HTTP connections open at once; more get 503")
     http_keepalive_s: float = _opt(75.0, "how long an idle HTTP keep-alive connection stays open")
+    http_cors_origins: str = _opt(
+        "",
+        "comma-separated browser origins (e.g. http://localhost:3000) allowed to call the HTTP front, * for any; "
+        "a request from any other origin gets 403; empty = none (CORS off)",
+    )
 
     def socket_path(self) -> Path:
         """The socket to serve: the configured path, else the platform default."""
@@ -121,6 +144,11 @@ class DaemonConfig:
         check("sink", self.sink >= 0, "must be >= 0")
         check("window", self.window >= 0, "must be >= 0 (0 = automatic)")
         check("block", self.block >= 1, "must be >= 1")
+        check("decode_batch_size", self.decode_batch_size >= 1, "must be >= 1")
+        check("prefill_step_tokens", self.prefill_step_tokens >= 1, "must be >= 1")
+        check("speculative", self.speculative in SPECULATIVE_MODES, "must be one of " + ", ".join(SPECULATIVE_MODES))
+        check("num_draft_tokens", 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS, f"must be in [1, {MAX_DRAFT_TOKENS}]")
+        check("speculative", self.speculative != "draft" or bool(self.draft_model), "draft needs draft_model to be set")
         check("max_sessions", self.max_sessions >= 1, "must be >= 1")
         check("max_concurrent_generations", self.max_concurrent_generations >= 1, "must be >= 1")
         check("queue_policy", self.queue_policy in QUEUE_POLICIES, "must be 'queue' or 'reject'")

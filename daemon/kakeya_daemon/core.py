@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 from kakeya_mlx.engine import Engine
 from kakeya_mlx.errors import BusyError, NotFoundError
@@ -31,11 +31,6 @@ from .registry import Entry, Lease, Registry
 from .turns import GenerationRequest, Turn
 
 log = logging.getLogger("kakeya.daemon")
-
-# The engine's session_info names the cache's length "cached_tokens", which the wire
-# uses for something else (done.cached_tokens: tokens reused by a turn).
-_WIRE_NAMES = {"cached_tokens": "cache_length"}
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -133,15 +128,22 @@ class DaemonCore:
         self.counters.rejections[refusal.limit] += 1
         return refusal
 
-    async def create_session(self, pooled: bool = False) -> str:
-        """A new session; idle pooled HTTP sessions (then, for memory, idle ones) are closed to make room."""
+    async def create_session(
+        self, pooled: bool = False, speculative: Optional[str] = None, num_draft_tokens: Optional[int] = None
+    ) -> str:
+        """A new session; idle pooled HTTP sessions (then, for memory, idle ones) are closed to make room.
+
+        `speculative` and `num_draft_tokens` become the session's defaults for its generates.
+        """
         self.refuse_if_stopping()
+        self.engine.check_speculative(speculative, num_draft_tokens)  # before anything is closed for room
         try:
             victims = self.governor.for_new_session(self.registry, self._kv())
         except Refusal as refusal:
             raise self._refused(refusal) from None
         closing = [self._remove(entry, *self._why_room(limit)) for entry, limit in victims]
-        session_id = await self.engine.create_session()  # no suspension inside: the room just made is ours
+        # No suspension inside: the room just made is ours.
+        session_id = await self.engine.create_session(speculative, num_draft_tokens)
         self.registry.add(session_id, pooled=pooled)
         for close in closing:
             self._spawn(close)
@@ -211,11 +213,10 @@ class DaemonCore:
 
     async def session_info(self, session_id) -> dict:
         self.registry.get(session_id)
-        return _wire_info(await self.engine.session_info(session_id))
+        return await self.engine.session_info(session_id)
 
     def list_sessions(self) -> list[dict]:
-        infos = [i for i in self.engine.list_sessions() if i["session_id"] in self.registry]
-        return [_wire_info(i) for i in infos]
+        return [i for i in self.engine.list_sessions() if i["session_id"] in self.registry]
 
     async def append(self, lease: Lease, **content) -> dict:
         """Append tokens, text or messages (see Engine.append) to the leased session."""
@@ -239,9 +240,11 @@ class DaemonCore:
 
     # ---- turns -----------------------------------------------------------
 
-    def generation_request(self, params: dict) -> GenerationRequest:
-        """A generate's settings from its checked wire-style params, the defaults in force filling the gaps."""
-        return GenerationRequest.from_params(params, self.engine.config.max_new_tokens, self.sampling_defaults)
+    def generation_request(self, params: Mapping, **extra) -> GenerationRequest:
+        """A generate's settings from its checked wire-style params, the defaults in force filling the gaps;
+        `extra` sets fields the params do not carry (see GenerationRequest.from_params)."""
+        max_new_tokens = self.engine.config.max_new_tokens
+        return GenerationRequest.from_params(params, max_new_tokens, self.sampling_defaults, **extra)
 
     def generation_defaults(self) -> dict:
         """What a generate that leaves a field out gets, and where each value comes from ("model" or "default")."""
@@ -339,6 +342,8 @@ class DaemonCore:
                 "queued": self.admission.queued,
             },
             "tokens": {"in": counters["tokens_in"], "out": counters["tokens_out"]},
+            "speculative": {"drafted": counters["draft_tokens"], "accepted": counters["accepted_tokens"]},
+            "scheduler": engine.scheduler_counters(),
             "tokens_per_s": {
                 "prefill": _rate(counters["tokens_in"], counters["prefill_s"]),
                 "decode": _rate(counters["tokens_out"], counters["decode_s"]),
@@ -349,10 +354,6 @@ class DaemonCore:
             "requests": c.requests,
             "http": {"connections": c.http_connections, "requests": c.http.total_requests()},
         }
-
-
-def _wire_info(info: dict) -> dict:
-    return {_WIRE_NAMES.get(k, k): v for k, v in info.items()}
 
 
 def _rate(tokens: int, seconds: float) -> float:

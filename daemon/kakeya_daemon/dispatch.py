@@ -33,6 +33,8 @@ def done_data(done: DoneEvent) -> dict:
         "prompt_tokens": done.prompt_tokens,
         "generated_tokens": done.generated_tokens,
         "cached_tokens": done.cached_tokens,
+        "draft_tokens": done.draft_tokens,
+        "accepted_tokens": done.accepted_tokens,
         "timings": {
             "ttft_s": done.ttft_s,
             "prefill_tokens_per_s": done.prefill_tokens_per_s,
@@ -45,20 +47,30 @@ def done_data(done: DoneEvent) -> dict:
     return data
 
 
-def event_frames(request_id: int, events: list) -> list[dict]:
-    """Event frames for a batch of engine events, merging runs of tokens into one frame."""
-    frames, tokens, text = [], [], []
+def event_frames(request_id: int, events: list, logprobs: bool = False, top_logprobs: bool = False) -> list[dict]:
+    """Event frames for a batch of engine events, merging runs of tokens into one frame.
+
+    With `logprobs` (and `top_logprobs`) a tokens event carries each token's log
+    probability (and its alternatives as [token id, logprob] pairs); nil for a token
+    that has none (re-tokenized before a stop string).
+    """
+    frames, run = [], []
 
     def flush_tokens():
-        if tokens:
-            frames.append(make_event(request_id, "tokens", {"tokens": list(tokens), "text": "".join(text)}))
-            tokens.clear()
-            text.clear()
+        if run:
+            data = {"tokens": [ev.token_id for ev in run], "text": "".join(ev.text for ev in run)}
+            if logprobs:
+                data["logprobs"] = [ev.logprob for ev in run]
+            if top_logprobs:
+                data["top_logprobs"] = [
+                    None if ev.top_logprobs is None else [[t, lp] for t, lp in ev.top_logprobs] for ev in run
+                ]
+            frames.append(make_event(request_id, "tokens", data))
+            run.clear()
 
     for ev in events:
         if isinstance(ev, TokenEvent):
-            tokens.append(ev.token_id)
-            text.append(ev.text)
+            run.append(ev)
             continue
         flush_tokens()
         if isinstance(ev, TruncatedEvent):
@@ -222,7 +234,8 @@ class Dispatcher:
                 batch = pending[:]
                 pending.clear()
                 done = next((e for e in batch if isinstance(e, DoneEvent)), None)
-                for frame in event_frames(request_id, batch):
+                r = turn.request
+                for frame in event_frames(request_id, batch, r.logprobs, r.top_logprobs > 0):
                     await conn.send(frame)
         finally:
             pump_task.cancel()
@@ -234,7 +247,9 @@ class Dispatcher:
     # ---- the other methods ------------------------------------------------
 
     async def _create_session(self, conn: Connection, rid: int, params: dict) -> dict:
-        session_id = await self.core.create_session()
+        session_id = await self.core.create_session(
+            speculative=params.get("speculative"), num_draft_tokens=params.get("num_draft_tokens")
+        )
         log.info("conn %d: session %s created", conn.number, session_id)
         return {"session_id": session_id}
 

@@ -1,47 +1,68 @@
-"""The OpenAI-compatible endpoints: auth, errors in the OpenAI shape, one log line per request, and turns.
+"""The HTTP front's shared machinery: auth, CORS, errors in each API's shape, one log line per request,
+and a request's turn on a pooled session.
 
-Every client error is a 4xx with an OpenAI error body; a request runs its turn
-through the core (admission, leases, memory) on a session from the pool, so
-stopping the daemon ends it with a proper ending: a final error event and
-`[DONE]` on a stream, a 503 otherwise.
+Every client error is a 4xx with the API's own error body (OpenAI's, or Anthropic's on
+`/v1/messages`); a request runs its turn through the core (admission, leases, memory)
+on a session from the pool, so stopping the daemon ends it with a proper ending. The
+endpoints themselves are in http_openai.py and http_anthropic.py.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import hmac
 import itertools
 import logging
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
 from kakeya_mlx import __version__
-from kakeya_mlx.errors import EngineError
-from kakeya_mlx.events import DoneEvent, TokenEvent
+from kakeya_mlx.errors import EngineError, InvalidArgumentError
+from kakeya_mlx.events import DoneEvent, TokenEvent, TruncatedEvent
 from kakeya_protocol.quote import quote
 
 from . import openai_api as api
 from .admission import Refusal
-from .core import DaemonCore, Turn
+from .anthropic_api import AnthropicError
+from .core import DaemonCore, GenerationRequest, Turn
+from .counters import HttpMeters
 from .http_metrics import CONTENT_TYPE, render_metrics
 from .http_pool import Checkout, SessionPool
 
 log = logging.getLogger("kakeya.http")
 
-ENDPOINTS = "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /info"
+ENDPOINTS = (
+    "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/messages, "
+    "POST /v1/messages/count_tokens, GET /info"
+)
 # Seconds a client told 429 (busy, or no generation slot or memory) waits before retrying.
 RETRY_AFTER_S = 1
+ANTHROPIC_PREFIX = "/v1/messages"
+# Says how many tokens of the conversation the model no longer sees (the window slid past them).
+EVICTED_HEADER = "X-Kakeya-Evicted-Tokens"
+_CORS_MAX_AGE_S = 600
+
+
+@dataclass
+class TokenCounts:
+    """A request's token counts, as its log line and the token meters report them."""
+
+    prompt: int
+    cached: int
+    completion: int
+    evicted: int
 
 
 @dataclass
 class _Record:
-    """What the middleware logs about one request; its handler fills in the usage."""
+    """What the middleware logs about one request; its handler fills in the counts."""
 
     number: int
     started: float
-    usage: Optional[dict] = None
+    counts: Optional[TokenCounts] = None
 
 
 # The request being handled in this task: set by the middleware, read by the handlers.
@@ -56,16 +77,21 @@ class HttpOptions:
     max_body_bytes: int = 1 << 20
     max_sessions: int = 8
     frame_timeout_s: float = 30.0
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed; "*" allows any; empty: none
 
 
-def error_response(error: api.ApiError) -> web.Response:
+def error_response(error: api.ApiError, anthropic: bool = False) -> web.Response:
+    """The error in the OpenAI shape, or in Anthropic's for its endpoints."""
     headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_S)}}.get(error.status)
-    return web.json_response(error.body(), status=error.status, headers=headers, dumps=api.dumps)
+    body = AnthropicError.from_openai(error.status, error.message, error.type).body() if anthropic else error.body()
+    return web.json_response(body, status=error.status, headers=headers, dumps=api.dumps)
 
 
 def from_engine(exc: EngineError, param=None) -> api.ApiError:
     if isinstance(exc, Refusal) and exc.limit == "shutting_down":
         return api.ApiError(503, exc.message, "server_error", param, "shutting_down")
+    if isinstance(exc, InvalidArgumentError):
+        return api.invalid(exc, param)
     return api.ApiError.from_code(exc.code, exc.message, param)
 
 
@@ -81,8 +107,54 @@ def from_http(exc: web.HTTPException, method: str, max_body_bytes: int) -> api.A
     return api.ApiError(exc.status, exc.reason, kind)
 
 
-class OpenAIFront:
-    """The request handlers of the HTTP front, over the daemon core and a session pool."""
+@dataclass
+class Prompt:
+    """What a request's turn continues: text (tokenized with or without special tokens) or token ids."""
+
+    text: Optional[str]
+    tokens: Optional[list[int]] = None
+    add_special: bool = False
+
+
+@dataclass
+class Generation:
+    """One request's turn on a pooled session. Iterate it for token and done events; truncations are counted."""
+
+    turn: Turn
+    checkout: Checkout
+    endpoint: str
+    record: _Record
+    evicted: int  # tokens of the conversation out of the model's view, so far
+    meters: HttpMeters
+    first_token_at: Optional[float] = None
+    _events: Optional[AsyncIterator] = field(default=None, repr=False)
+
+    async def _pull(self):
+        async for event in self.turn:
+            if isinstance(event, TruncatedEvent):
+                self.evicted = max(self.evicted, event.total_evicted)
+                continue
+            if isinstance(event, TokenEvent) and self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+                self.meters.ttft.observe(self.first_token_at - self.record.started, {"endpoint": self.endpoint})
+            yield event
+
+    def __aiter__(self):
+        if self._events is None:
+            self._events = self._pull()
+        return self._events
+
+    async def first(self):
+        """The first token (or the done event, or None): the prompt has been read, its evictions counted."""
+        return await anext(aiter(self), None)
+
+    def counts(self, done: DoneEvent) -> TokenCounts:
+        prompt = self.checkout.prompt_tokens
+        return TokenCounts(prompt, min(done.cached_tokens, prompt), done.generated_tokens, self.evicted)
+
+
+class HttpFront:
+    """The parts every endpoint shares, over the daemon core and a session pool."""
 
     def __init__(self, core: DaemonCore, options: HttpOptions):
         self.core = core
@@ -94,7 +166,7 @@ class OpenAIFront:
         self.pool = SessionPool(core, options.max_sessions)
         self._numbers = itertools.count(1)
 
-    # -- middleware: auth, the error envelope, metrics and the request's log line
+    # -- middleware: CORS, auth, the error envelope, metrics and the request's log line
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
@@ -103,8 +175,16 @@ class OpenAIFront:
         endpoint = resource.canonical if resource is not None else "unmatched"
         record = _Record(next(self._numbers), started)
         _RECORD.set(record)
+        anthropic = request.path.startswith(ANTHROPIC_PREFIX)
         status = 500
         try:
+            origin = request.headers.get("Origin")
+            if origin is not None:
+                self._check_origin(origin)
+                if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+                    response = self._preflight(request)
+                    status = response.status
+                    return response
             if self.options.api_keys and endpoint != "/healthz":
                 self._authorize(request)
             response = await handler(request)
@@ -112,35 +192,73 @@ class OpenAIFront:
             return response
         except api.ApiError as exc:
             status = exc.status
-            return error_response(exc)
+            return error_response(exc, anthropic)
+        except AnthropicError as exc:
+            status = exc.status
+            return web.json_response(exc.body(), status=exc.status, dumps=api.dumps)
         except EngineError as exc:
             error = from_engine(exc)
             status = error.status
-            return error_response(error)
+            return error_response(error, anthropic)
         except web.HTTPException as exc:
             error = from_http(exc, request.method, self.options.max_body_bytes)
             status = error.status
-            return error_response(error)
+            return error_response(error, anthropic)
         except asyncio.CancelledError:
             status = 499  # the client went away (nginx's code for it)
             raise
         except Exception:
             log.exception("http %d: unhandled error in %s %s", record.number, request.method, endpoint)
             status = 500
-            return error_response(api.ApiError(500, "internal error; see the daemon log", "server_error", code="internal"))
+            error = api.ApiError(500, "internal error; see the daemon log", "server_error", code="internal")
+            return error_response(error, anthropic)
         finally:
             elapsed = time.perf_counter() - started
             self.meters.requests.inc({"endpoint": endpoint, "code": str(status)})
             self.meters.latency.observe(elapsed, {"endpoint": endpoint})
             _log_request(request, record, endpoint, status, elapsed)
 
+    def _origin_allowed(self, origin: str) -> bool:
+        allowed = self.options.cors_origins
+        return "*" in allowed or origin in allowed
+
+    def _check_origin(self, origin: str) -> None:
+        """A browser page may call the API only from an allowed origin (a page elsewhere must not drive it)."""
+        if not self._origin_allowed(origin):
+            configured = ",".join(self.options.cors_origins)
+            raise api.ApiError(
+                403,
+                f"requests from origin {quote(origin)} are not allowed (http_cors_origins={configured!r})",
+                "permission_error",
+                code="origin_not_allowed",
+            )
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        headers = {
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", ""),
+            "Access-Control-Max-Age": str(_CORS_MAX_AGE_S),
+        }
+        return web.Response(status=204, headers=headers)
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """CORS headers on every response to an allowed origin, streams included."""
+        origin = request.headers.get("Origin")
+        if origin is not None and self._origin_allowed(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EVICTED_HEADER
+            response.headers.add("Vary", "Origin")
+
     def _authorize(self, request: web.Request) -> None:
+        """A bearer key (OpenAI's clients) or an x-api-key header (Anthropic's)."""
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
+            key = request.headers.get("x-api-key", "")
+        if not key.strip():
             raise api.ApiError(
                 401,
-                "missing API key: send the header 'Authorization: Bearer <key>'",
+                "missing API key: send the header 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
                 "authentication_error",
                 code="invalid_api_key",
             )
@@ -149,11 +267,12 @@ class OpenAIFront:
         if not any(hmac.compare_digest(given, k.encode()) for k in self.options.api_keys):
             raise api.ApiError(401, "incorrect API key", "authentication_error", code="invalid_api_key")
 
-    async def _json_body(self, request: web.Request) -> dict:
+    async def json_body(self, request: web.Request) -> dict:
         limit = self.options.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise api.ApiError(
-                413, f"request body of {request.content_length} bytes exceeds http_max_body_bytes={limit}",
+                413,
+                f"request body of {request.content_length} bytes exceeds http_max_body_bytes={limit}",
                 code="request_too_large",
             )
         try:
@@ -161,26 +280,23 @@ class OpenAIFront:
                 raw = await request.read()
         except TimeoutError:
             log.warning(
-                "http %d: the request body did not arrive within frame_timeout_s=%g", _RECORD.get().number,
+                "http %d: the request body did not arrive within frame_timeout_s=%g",
+                _RECORD.get().number,
                 self.options.frame_timeout_s,
             )
             raise api.ApiError(
-                408, f"the request body did not arrive within frame_timeout_s={self.options.frame_timeout_s:g}",
+                408,
+                f"the request body did not arrive within frame_timeout_s={self.options.frame_timeout_s:g}",
                 code="timeout",
             ) from None
         return api.parse_body(raw)
 
-    def _check_model(self, body: dict) -> None:
-        model = api.get(body, "model", lambda v: isinstance(v, str), "a string")
-        if model is not None and model != self.model_name:
-            raise api.ApiError(
-                404,
-                f"model {quote(model)} is not served here; this server serves {self.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, body: dict) -> str:
+        """The id replies carry. One model is served, so any id names it (the served name, the folder, ...)."""
+        api.get(body, "model", lambda v: isinstance(v, str), "a string")
+        return self.model_name
 
-    # -- endpoints
+    # -- endpoints every API shares
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name})
@@ -211,145 +327,62 @@ class OpenAIFront:
         return web.json_response({"object": "list", "data": [self._model_card()]})
 
     async def get_model(self, request: web.Request) -> web.Response:
-        self._check_model({"model": request.match_info["model"]})
         return web.json_response(self._model_card())
 
     async def metrics(self, request: web.Request) -> web.Response:
         text = render_metrics(self.core.stats(), self.meters, len(self.pool), self.pool.max_sessions)
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_body(request)
-        self._check_model(body)
-        api.reject_unsupported(body, chat=True)
-        params = api.generation_params(body, True, self.max_new_tokens)
-        messages = api.chat_messages(body.get("messages"))
-        try:
-            text = self.core.render_messages(messages, continuation=False, add_generation_prompt=True)
-        except EngineError as exc:
-            raise from_engine(exc, param="messages") from None
-        return await self._complete(request, "/v1/chat/completions", body, params, text, None, add_special=False)
+    # -- a request's turn
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._json_body(request)
-        self._check_model(body)
-        api.reject_unsupported(body, chat=False)
-        params = api.generation_params(body, False, self.max_new_tokens)
-        if "prompt" not in body:
-            raise api.ApiError(400, "prompt: required", param="prompt", code="missing_required_parameter")
-        text, tokens = api.completion_prompt(body["prompt"])
-        return await self._complete(request, "/v1/completions", body, params, text, tokens, add_special=True)
-
-    # -- generation
-
-    async def _complete(self, request, endpoint, body, params, text, tokens, add_special) -> web.StreamResponse:
-        stream, include_usage = api.stream_options(body)
+    @contextlib.asynccontextmanager
+    async def generation(
+        self, request: web.Request, endpoint: str, prompt: Prompt, wanted: GenerationRequest
+    ) -> AsyncIterator[Generation]:
+        """Lease a pooled session holding the prompt and start the turn; on exit end it and give the session back."""
         self.core.refuse_if_stopping()
-        generation = self.core.generation_request(params)
         record = _RECORD.get()
         holder = f"http {record.number} ({request.method} {endpoint})"
-        checkout = await self.pool.checkout(text, tokens, add_special, holder)
+        checkout = await self.pool.checkout(prompt.text, prompt.tokens, prompt.add_special, holder)
         text_after, length_after = None, 0
         try:
-            turn = self.core.open_turn(checkout.lease, generation)
+            evicted = (await self.core.session_info(checkout.session_id))["evicted_tokens"]
+            turn = self.core.open_turn(checkout.lease, wanted)
             try:
                 await turn.start()
-                reply = api.Reply(endpoint == "/v1/chat/completions", self.model_name)
-                run = _Run(reply, endpoint, checkout, request, record)
-                if stream:
-                    response = await self._stream(turn, run, include_usage)
-                else:
-                    response = await self._collect(turn, run)
+                yield Generation(turn, checkout, endpoint, record, evicted, self.meters)
             finally:
                 await turn.close()
             done = turn.done
-            if done is not None and done.stop_reason in api.FINISH_REASONS and checkout.text is not None:
+            if done is not None and done.stop_reason in ("eos", "stop_sequence", "max_tokens") and checkout.text:
+                # The history is now this text: the next turn of the conversation matches it.
                 text_after = checkout.text + await self.core.detokenize(done.token_ids)
                 length_after = checkout.prompt_tokens + done.generated_tokens
-            return response
         finally:
             self.pool.release(checkout, text_after, length_after)
 
-    def _first_token(self, run: "_Run") -> None:
-        if run.first_token_at is None:
-            run.first_token_at = time.perf_counter()
-            self.meters.ttft.observe(run.first_token_at - run.record.started, {"endpoint": run.endpoint})
-
-    def _account(self, run: "_Run", done: DoneEvent) -> dict:
-        usage = api.usage(run.checkout.prompt_tokens, done)
-        tokens, endpoint = self.meters.tokens, run.endpoint
-        tokens.inc({"endpoint": endpoint, "kind": "prompt"}, usage["prompt_tokens"])
-        tokens.inc({"endpoint": endpoint, "kind": "cached"}, usage["prompt_tokens_details"]["cached_tokens"])
-        tokens.inc({"endpoint": endpoint, "kind": "completion"}, usage["completion_tokens"])
-        run.record.usage = usage
-        return usage
-
-    async def _collect(self, turn: Turn, run: "_Run") -> web.Response:
-        pieces, done = [], None
-        async for event in turn:
-            if isinstance(event, TokenEvent):
-                self._first_token(run)
-                pieces.append(event.text)
-            elif isinstance(event, DoneEvent):
-                done = event
-        if done is None or done.stop_reason not in api.FINISH_REASONS:
-            raise api.generation_error(done or DoneEvent(stop_reason="cancelled"))
-        usage = self._account(run, done)
-        body = run.reply.whole("".join(pieces), api.FINISH_REASONS[done.stop_reason], usage)
-        return web.json_response(body, dumps=api.dumps)
-
-    async def _stream(self, turn: Turn, run: "_Run", include_usage: bool) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await response.prepare(run.request)
-
-        async def send(obj) -> None:
-            await response.write(b"data: " + api.dumps(obj).encode() + b"\n\n")
-
-        try:
-            reply = run.reply
-            if reply.chat:
-                await send(reply.chunk({"role": "assistant", "content": ""}))
-            done = None
-            async for event in turn:
-                if isinstance(event, TokenEvent):
-                    self._first_token(run)
-                    if event.text:
-                        await send(reply.chunk(event.text))
-                elif isinstance(event, DoneEvent):
-                    done = event
-            if done is None or done.stop_reason not in api.FINISH_REASONS:
-                await send(api.generation_error(done or DoneEvent(stop_reason="cancelled")).body())
-            else:
-                usage = self._account(run, done)
-                await send(reply.chunk(None, api.FINISH_REASONS[done.stop_reason]))
-                if include_usage:
-                    await send(reply.usage_chunk(usage))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the client left; closing the turn cancels the generation
-        return response
+    def account(self, generation: Generation, done: DoneEvent) -> TokenCounts:
+        """Count the turn's tokens in the meters and the request's log line."""
+        counts = generation.counts(done)
+        tokens, endpoint = self.meters.tokens, generation.endpoint
+        tokens.inc({"endpoint": endpoint, "kind": "prompt"}, counts.prompt)
+        tokens.inc({"endpoint": endpoint, "kind": "cached"}, counts.cached)
+        tokens.inc({"endpoint": endpoint, "kind": "completion"}, counts.completion)
+        generation.record.counts = counts
+        return counts
 
 
-@dataclass
-class _Run:
-    """One request's turn as the handlers track it."""
-
-    reply: api.Reply
-    endpoint: str
-    checkout: Checkout
-    request: web.Request
-    record: _Record
-    first_token_at: Optional[float] = None
+def evicted_headers(evicted: int) -> dict:
+    """The header saying the conversation did not fit, when it did not."""
+    return {EVICTED_HEADER: str(evicted)} if evicted else {}
 
 
 def _log_request(request: web.Request, record: _Record, endpoint: str, status: int, elapsed: float) -> None:
-    usage = record.usage
+    c = record.counts
     tokens = ""
-    if usage is not None:
-        tokens = (
-            f": {usage['prompt_tokens']} prompt ({usage['prompt_tokens_details']['cached_tokens']} cached) + "
-            f"{usage['completion_tokens']} generated tokens"
-        )
+    if c is not None:
+        tokens = f": {c.prompt} prompt ({c.cached} cached) + {c.completion} generated tokens"
+        if c.evicted:
+            tokens += f", {c.evicted} evicted"
     where = endpoint if endpoint != "unmatched" else quote(request.path)
     log.info("http %d: %s %s %d%s in %.3fs", record.number, request.method, where, status, tokens, elapsed)

@@ -33,6 +33,27 @@ def render_metrics(stats: dict, meters: HttpMeters, pooled: int, pool_max: int) 
         "Tokens run through the model (in: prompt, out: generated).",
         [({"direction": "in"}, tokens["in"]), ({"direction": "out"}, tokens["out"])],
     )
+    speculative = stats["speculative"]
+    out.add(
+        "kakeya_speculative_tokens_total",
+        "counter",
+        "Tokens drafted for speculative decoding, and those the model accepted.",
+        [({"kind": "drafted"}, speculative["drafted"]), ({"kind": "accepted"}, speculative["accepted"])],
+    )
+    scheduler = stats["scheduler"]
+    out.add_value("kakeya_scheduler_steps_total", "counter", "Compute-thread scheduler steps.", scheduler["steps"])
+    out.add(
+        "kakeya_decode_passes_total",
+        "counter",
+        "Batched forward passes of decoding generations, and the rows (generations) they carried.",
+        [({"what": "passes"}, scheduler["decode_passes"]), ({"what": "rows"}, scheduler["decode_rows"])],
+    )
+    out.add_value(
+        "kakeya_decode_batch_largest", "gauge", "Most generations decoded in one pass so far.", scheduler["largest_batch"]
+    )
+    out.add_value(
+        "kakeya_prefill_tokens_total", "counter", "Prompt tokens processed by the scheduler.", scheduler["prefill_tokens"]
+    )
     rates = stats["tokens_per_s"]
     out.add(
         "kakeya_tokens_per_second",

@@ -46,6 +46,7 @@ class Checkout:
     lease: Lease
     prompt_tokens: int
     text: Optional[str]
+    reused: int = 0  # of the prompt's tokens, those the session held already
 
     @property
     def session_id(self) -> str:
@@ -112,7 +113,7 @@ class SessionPool:
         pooled = self._pooled[lease.entry.id]
         pooled.text, pooled.add_special, pooled.length = text, add_special, len(tokens)
         pooled.last_used = time.monotonic()
-        return Checkout(lease, len(tokens), text)
+        return Checkout(lease, len(tokens), text, reused)
 
     async def _text_match(self, text: str, add_special: bool, tokens: list[int], reused: int, holder: str):
         """(lease, prompt tokens, reused) for the longest text-level match beating `reused` tokens, else (None, ...)."""

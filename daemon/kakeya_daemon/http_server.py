@@ -19,7 +19,9 @@ from kakeya_protocol.quote import quote
 
 from . import openai_api as api
 from .core import DaemonCore
-from .http_handlers import HttpOptions, OpenAIFront
+from .http_anthropic import AnthropicEndpoints
+from .http_handlers import HttpFront, HttpOptions
+from .http_openai import OpenAIEndpoints
 from .lifecycle import check_peer
 from .listeners import HttpListeners
 
@@ -140,7 +142,7 @@ class HttpServer:
         self.core = core
         self.listen = listen
         self.bound = bound
-        self.front = OpenAIFront(core, options)
+        self.front = HttpFront(core, options)
         self.open_connections = 0
         self.urls = list(bound.urls)
         self._listeners: list[asyncio.AbstractServer] = []
@@ -149,16 +151,20 @@ class HttpServer:
     async def start(self) -> None:
         """Serve on the bound sockets."""
         front = self.front
+        openai_endpoints, anthropic_endpoints = OpenAIEndpoints(front), AnthropicEndpoints(front)
         app = web.Application(
             middlewares=[self._bounds, front.middleware], client_max_size=front.options.max_body_bytes
         )
+        app.on_response_prepare.append(front.on_response_prepare)
         app.router.add_get("/healthz", front.healthz)
         app.router.add_get("/info", front.info)
         app.router.add_get("/metrics", front.metrics)
         app.router.add_get("/v1/models", front.list_models)
         app.router.add_get("/v1/models/{model}", front.get_model)
-        app.router.add_post("/v1/chat/completions", front.chat_completions)
-        app.router.add_post("/v1/completions", front.completions)
+        app.router.add_post("/v1/chat/completions", openai_endpoints.chat_completions)
+        app.router.add_post("/v1/completions", openai_endpoints.completions)
+        app.router.add_post("/v1/messages", anthropic_endpoints.messages)
+        app.router.add_post("/v1/messages/count_tokens", anthropic_endpoints.count_tokens)
         # handler_cancellation: a client that disconnects cancels its handler, which closes its turn.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()

@@ -1,17 +1,21 @@
-"""The OpenAI API's shapes, mapped onto the daemon's: request bodies in, response objects out.
+"""The OpenAI API's request bodies mapped onto the daemon's terms (replies: openai_replies.py).
 
 Pure functions and data: no I/O, no engine. A body's generation fields are checked
 with the protocol's shared rules (kakeya_protocol.params) and come out as the
 wire-style params a socket `generate` would carry, so both fronts mean the same
-by every value, defaults included (temperature 0, max_tokens 256).
+by every value, defaults included (kakeya_protocol.params applies them).
+`tools`, `tool_choice` and `response_format` are checked by the engine's own
+modules (kakeya_mlx.toolcalls, kakeya_mlx.constrain), whose errors name the field.
 """
 
 import json
-import time
-import uuid
+import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from kakeya_mlx.events import DoneEvent
+from kakeya_mlx.constrain import spec_from_response_format
+from kakeya_mlx.errors import InvalidArgumentError
+from kakeya_mlx.toolcalls import Tool, ToolChoice, check_tool_choice, check_tools
 from kakeya_protocol import params as rules
 from kakeya_protocol.quote import quote
 
@@ -24,8 +28,10 @@ ERROR_STATUS = {
     "busy": (429, "rate_limit_error"),
     "internal": (500, "server_error"),
 }
-FINISH_REASONS = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}
-_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# The field an engine error names: "tools[0].function.parameters: cannot be compiled: ..." names
+# "tools[0].function.parameters".
+_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*)[:=]")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
@@ -43,6 +49,12 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(exc: InvalidArgumentError, param: Optional[str] = None) -> ApiError:
+    """A 400 for an engine error about the request, its param the field the message names (else `param`)."""
+    named = _FIELD.match(exc.message)
+    return ApiError(400, exc.message, param=named.group(1) if named else param, code="invalid_value")
 
 
 def json_type_name(value: Any) -> str:
@@ -107,7 +119,11 @@ def _checked(param: str, rule: str, value) -> Any:
 
 
 def generation_params(body: dict, chat: bool, max_new_tokens: int) -> dict:
-    """The body's generation fields as wire-style generate params (absent fields left out: defaults apply)."""
+    """The body's generation fields as wire-style generate params (absent fields left out: defaults apply).
+
+    Log probabilities: chat's `logprobs` (bool) and `top_logprobs`; completions' `logprobs`
+    (how many alternatives, 0 for the chosen token's alone).
+    """
     params: dict = {}
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     for name in reversed(names):  # max_completion_tokens wins where both are given
@@ -123,7 +139,52 @@ def generation_params(body: dict, chat: bool, max_new_tokens: int) -> dict:
         stop = [stop]
     if stop is not None:
         params["stop"] = _checked("stop", "stop", stop)
+    if chat:
+        if get(body, "logprobs", lambda v: isinstance(v, bool), "a boolean", False):
+            params["logprobs"] = True
+        if body.get("top_logprobs") is not None:
+            params["top_logprobs"] = _checked("top_logprobs", "top_logprobs", body["top_logprobs"])
+            if params["top_logprobs"] and not params.get("logprobs"):
+                raise _bad("top_logprobs", "needs logprobs: true")
+    elif body.get("logprobs") is not None:
+        params["logprobs"] = True
+        params["top_logprobs"] = _checked("logprobs", "top_logprobs", body["logprobs"])
     return params
+
+
+@dataclass(frozen=True)
+class ChatExtras:
+    """What a chat body asks beyond plain text: tools, the tool choice, a response format."""
+
+    tools: list[Tool]
+    tool_choice: ToolChoice
+    parallel_tool_calls: bool
+    response_format: Optional[dict]  # a constraint spec (kakeya_mlx.constrain), None for plain text
+    response_format_field: str = "response_format"
+
+
+def response_format(body: dict) -> tuple[Optional[dict], str]:
+    """(constraint spec or None for plain text, the field errors name) for `response_format`."""
+    if body.get("response_format") is None:
+        return None, "response_format"
+    try:
+        return spec_from_response_format(body["response_format"])
+    except InvalidArgumentError as exc:
+        raise invalid(exc) from None
+
+
+def chat_extras(body: dict) -> ChatExtras:
+    """Check `tools`, `tool_choice`, `parallel_tool_calls` and `response_format`; ApiError 400 naming the field."""
+    try:
+        tools = check_tools(body["tools"]) if body.get("tools") is not None else []
+        choice = check_tool_choice(body.get("tool_choice"), tools)
+    except InvalidArgumentError as exc:
+        raise invalid(exc) from None
+    spec, field = response_format(body)
+    parallel = get(body, "parallel_tool_calls", lambda v: isinstance(v, bool), "a boolean", True)
+    if spec is not None and choice.mode in ("required", "function"):
+        raise _bad("response_format", "cannot be combined with a tool_choice that forces a call")
+    return ChatExtras(tools, choice, parallel, spec, field)
 
 
 def stream_options(body: dict) -> tuple[bool, bool]:
@@ -144,14 +205,9 @@ def reject_unsupported(body: dict, chat: bool) -> None:
     n = get(body, "n", _is_int, "an integer", 1)
     if n != 1:
         raise _unsupported("n", f"{n}: only n=1 is supported (one choice per request)")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if get(body, name, lambda v: _is_int(v) or isinstance(v, float), "a number", 0) != 0:
-            raise _unsupported(name, "only 0 is supported; repetition_penalty is available instead")
     if get(body, "logit_bias", lambda v: isinstance(v, dict), "an object", {}):
         raise _unsupported("logit_bias", "not supported")
     if not chat:
-        if get(body, "logprobs", _is_int, "an integer", 0):
-            raise _unsupported("logprobs", "log probabilities are not supported")
         if get(body, "echo", lambda v: isinstance(v, bool), "a boolean", False):
             raise _unsupported("echo", "echoing the prompt is not supported")
         if get(body, "best_of", _is_int, "an integer", 1) != 1:
@@ -159,19 +215,9 @@ def reject_unsupported(body: dict, chat: bool) -> None:
         if get(body, "suffix", lambda v: isinstance(v, str), "a string", ""):
             raise _unsupported("suffix", "insertion (suffix) is not supported")
         return
-    if get(body, "logprobs", lambda v: isinstance(v, bool), "a boolean", False):
-        raise _unsupported("logprobs", "log probabilities are not supported")
-    if body.get("top_logprobs") is not None:
-        raise _unsupported("top_logprobs", "log probabilities are not supported")
-    for name in ("tools", "functions"):
-        if get(body, name, lambda v: isinstance(v, list), "a list", []):
-            raise _unsupported(name, "tool and function calling are not supported")
-    for name in ("tool_choice", "function_call"):
-        if body.get(name) not in (None, "none", "auto"):  # with no tools given, "auto" calls none
-            raise _unsupported(name, "tool and function calling are not supported")
-    fmt = get(body, "response_format", lambda v: isinstance(v, dict), "an object")
-    if fmt is not None and fmt.get("type") != "text":
-        raise _unsupported("response_format", 'only {"type": "text"} is supported (no JSON mode)')
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise _unsupported(name, "the legacy function-calling fields are not supported; use tools and tool_choice")
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise _unsupported("modalities", 'only ["text"] is supported')
@@ -202,7 +248,11 @@ def _content_text(content, where: str) -> str:
 
 
 def chat_messages(value) -> list[dict]:
-    """The request's messages as [{role, content: str}], in the roles chat templates know."""
+    """The request's messages in the roles chat templates know, content as text.
+
+    An assistant message keeps its `tool_calls` and a tool message its `tool_call_id`;
+    kakeya_mlx.toolcalls checks them (ids, order) when it renders the prompt.
+    """
     if not isinstance(value, list) or not value:
         raise _bad("messages", "expected a non-empty list of messages", "invalid_type")
     out = []
@@ -211,19 +261,24 @@ def chat_messages(value) -> list[dict]:
         if not isinstance(message, dict):
             raise _bad(where, "expected an object with role and content", "invalid_type")
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise _unsupported(f"{where}.role", f"{role!r} messages are not supported (no tool calling)")
+        if role == "function":
+            raise _unsupported(f"{where}.role", "'function' messages are the legacy form; use tool messages")
         if not isinstance(role, str) or role not in _CHAT_ROLES:
             raise _bad(f"{where}.role", f"{quote(role)} is not one of {', '.join(_CHAT_ROLES)}")
-        for key in ("tool_calls", "function_call", "tool_call_id", "audio"):
+        for key in ("function_call", "audio"):
             if message.get(key) is not None:
-                raise _unsupported(f"{where}.{key}", "tool calls and audio are not supported")
+                raise _unsupported(f"{where}.{key}", "the legacy function_call and audio are not supported")
         if message.get("name") is not None and not isinstance(message["name"], str):
             raise _bad(f"{where}.name", "expected a string", "invalid_type")
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
-        out.append({"role": _CHAT_ROLES[role], "content": _content_text(content, where)})
+        shaped = {"role": _CHAT_ROLES[role], "content": _content_text(content, where)}
+        if role == "assistant" and message.get("tool_calls"):
+            shaped["tool_calls"] = message["tool_calls"]
+        if role == "tool":
+            shaped["tool_call_id"] = message.get("tool_call_id")
+        out.append(shaped)
     return out
 
 
@@ -242,65 +297,3 @@ def completion_prompt(value) -> tuple[Optional[str], Optional[list[int]]]:
     if isinstance(value, list) and len(value) > 1 and all(isinstance(p, (str, list)) for p in value):
         raise _unsupported("prompt", "batched prompts are not supported; send one prompt per request")
     raise _bad("prompt", "expected a non-empty string or a non-empty list of token ids", "invalid_type")
-
-
-class Reply:
-    """Builds the OpenAI response objects of one request."""
-
-    def __init__(self, chat: bool, model: str):
-        self.chat = chat
-        self.model = model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-    def _envelope(self, object_name: str, choices: list) -> dict:
-        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
-
-    def whole(self, text: str, finish_reason: str, usage: dict) -> dict:
-        if self.chat:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-            body = self._envelope("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            body = self._envelope("text_completion", [choice])
-        body["usage"] = usage
-        return body
-
-    def chunk(self, delta, finish_reason: Optional[str] = None) -> dict:
-        """A streamed piece: delta is text, a chat delta map, or None for the closing chunk."""
-        if self.chat:
-            if delta is None:
-                delta = {}
-            elif isinstance(delta, str):
-                delta = {"content": delta}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice])
-
-    def usage_chunk(self, usage: dict) -> dict:
-        body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        body["usage"] = usage
-        return body
-
-
-def usage(prompt_tokens: int, done: DoneEvent) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": done.generated_tokens,
-        "total_tokens": prompt_tokens + done.generated_tokens,
-        "prompt_tokens_details": {"cached_tokens": min(done.cached_tokens, prompt_tokens)},
-    }
-
-
-def generation_error(done: DoneEvent) -> ApiError:
-    """The error for a turn that did not finish: cancelled (the daemon is stopping) or failed."""
-    if done.stop_reason == "cancelled":
-        return ApiError(
-            503,
-            "the generation was cancelled before it finished (the daemon is stopping, or a cancel request)",
-            "server_error",
-            code="cancelled",
-        )
-    return ApiError.from_code(done.error_code or "internal", done.error_message or "the generation failed")

@@ -83,6 +83,7 @@ class Daemon:
         self.socket: Optional["SocketFront"] = None
         self.http: Optional["HttpServer"] = None
         self.source: Optional[ModelSource] = None
+        self.draft_source: Optional[ModelSource] = None
         self._loaded = loaded
         self._claimed = ClaimedSocket(self.socket_path)
         self._http_bound: Optional[HttpListeners] = None
@@ -108,6 +109,11 @@ class Daemon:
         c = self.config
         if self._loaded is None:
             self.source = locate(c.model)
+        if c.draft_model:
+            try:
+                self.draft_source = locate(c.draft_model)
+            except EngineError as exc:
+                raise StartError(f"draft model {c.draft_model}: {exc.message}") from None
         self._claimed.claim()
         if c.http_enabled:
             self._http_bound = bind_http(c.http_host, c.http_port or None, c.http_socket or None)
@@ -145,8 +151,13 @@ class Daemon:
                 block=c.block,
                 max_append_tokens=c.max_append_tokens,
                 max_new_tokens=c.max_new_tokens,
+                decode_batch_size=c.decode_batch_size,
+                prefill_step_tokens=c.prefill_step_tokens,
+                speculative=c.speculative,
+                num_draft_tokens=c.num_draft_tokens,
                 probe_cache_dir=str(platform.default_cache_dir() / "probes"),
             ),
+            draft=self._load_draft(),
         )
         await self.engine.start()
         self.core = DaemonCore(self.engine, core_limits(c))
@@ -173,6 +184,18 @@ class Daemon:
             c.max_concurrent_generations,
             f"{self.core.limits.memory_budget_bytes} bytes" if self.core.limits.memory_budget_bytes else "none",
         )
+
+    def _load_draft(self):
+        """The draft model for speculative decoding, or None; a bad one stops the start with the reason."""
+        if not self.config.draft_model:
+            return None
+        from kakeya_mlx.loader import load_model
+
+        try:
+            c = self.config
+            return load_model(c.draft_model, dtype=c.dtype or None, progress=_progress, source=self.draft_source)
+        except EngineError as exc:
+            raise StartError(f"draft model {self.config.draft_model}: {exc.message}") from None
 
     def request_stop(self) -> None:
         """Begin a graceful stop (signal handlers and the shutdown request call this)."""
@@ -222,6 +245,7 @@ def _http_options(c: DaemonConfig):
         max_body_bytes=c.http_max_body_bytes,
         max_sessions=c.http_max_sessions,
         frame_timeout_s=c.frame_timeout_s,
+        cors_origins=tuple(o.strip() for o in c.http_cors_origins.split(",") if o.strip()),
     )
 
 

@@ -10,8 +10,9 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
+from kakeya_mlx.constrain import Constraint
 from kakeya_mlx.engine import TurnStream
 from kakeya_mlx.events import DoneEvent
 from kakeya_mlx.sampling import SamplingParams
@@ -33,22 +34,40 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...]
+    speculative: Optional[str] = None  # None: the session's default, else the daemon's
+    num_draft_tokens: Optional[int] = None
+    # A constraint spec (compiled when the turn starts; errors name `constraint_field`), or one compiled already.
+    constraint: Union[Mapping, Constraint, None] = None
+    constraint_field: str = "constraint"
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @classmethod
     def from_params(
-        cls, params: Mapping, max_new_tokens: int, sampling_defaults: Optional[Mapping] = None
+        cls, params: Mapping, max_new_tokens: int, sampling_defaults: Optional[Mapping] = None, **extra
     ) -> "GenerationRequest":
-        """From checked wire-style params (max_tokens, temperature, ..., stop); absent or None takes the default.
+        """From checked wire-style params (max_tokens, temperature, ..., stop, speculative, num_draft_tokens,
+        constraint, logprobs, top_logprobs); absent or None takes the default. `extra` sets the other fields.
 
         Sampling follows `rules.resolve_sampling`: the request's fields, else `sampling_defaults`
         (the model's and the documented ones, see DaemonCore), else the engine's (off).
         """
         max_tokens = params.get("max_tokens")
         sampling = rules.resolve_sampling(dict(params), dict(sampling_defaults or {}))
+        top_logprobs = params.get("top_logprobs")
+        fields = {
+            "speculative": params.get("speculative"),
+            "num_draft_tokens": params.get("num_draft_tokens"),
+            "constraint": params.get("constraint"),
+            "logprobs": bool(params.get("logprobs")),
+            "top_logprobs": top_logprobs if top_logprobs is not None else rules.RULES["top_logprobs"].default,
+            **extra,
+        }
         return cls(
             max_tokens if max_tokens is not None else rules.default_max_tokens(max_new_tokens),
             SamplingParams(**sampling),
             tuple(params.get("stop") or ()),
+            **fields,
         )
 
 
@@ -82,6 +101,10 @@ class Turn:
         """
         core = self.core
         try:
+            r = self.request
+            constraint = r.constraint
+            if constraint is not None and not isinstance(constraint, Constraint):
+                constraint = await core.engine.compile_constraint(dict(constraint), r.constraint_field)
             after = self._after
             if after is not None and not after.is_ended and not await self._unless_cancelled(after.ended()):
                 return self._end_unstarted()
@@ -94,9 +117,16 @@ class Turn:
             self._has_slot = True
             if self.cancelled or core.stopping:
                 return self._end_unstarted()
-            r = self.request
             self.stream = core.engine.generate(
-                self.session_id, max_tokens=r.max_tokens, sampling=r.sampling, stop=list(r.stop)
+                self.session_id,
+                max_tokens=r.max_tokens,
+                sampling=r.sampling,
+                stop=list(r.stop),
+                constraint=constraint,
+                logprobs=r.logprobs,
+                top_logprobs=r.top_logprobs,
+                speculative=r.speculative,
+                num_draft_tokens=r.num_draft_tokens,
             )
         except Refusal as refusal:
             core.counters.rejections[refusal.limit] += 1

@@ -1,4 +1,8 @@
-"""Message shapes: requests (strictly validated), replies, errors and streamed events."""
+"""Message shapes: requests (strictly validated), replies, errors and streamed events.
+
+Longer than most modules: every method's parameters and every event's data are
+checked here, in one place, so the whole wire contract reads as one set of rules.
+"""
 
 import difflib
 from dataclasses import dataclass
@@ -106,6 +110,42 @@ def _messages(value) -> Optional[str]:
     return None
 
 
+def _schema(value) -> Optional[str]:
+    return None if isinstance(value, dict) else f"must be a map (a JSON Schema), got {msgpack_type_name(value)}"
+
+
+# A generate's `constraint`: its type and the keys each type takes (key: check, required).
+CONSTRAINT_KEYS: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
+    "json_object": {},
+    "json_schema": {"schema": (_schema, True), "strict": (_boolean, False)},
+    "regex": {"pattern": (_string(non_empty=True), True)},
+    "grammar": {"grammar": (_string(non_empty=True), True)},
+}
+
+
+def _constraint(value) -> Optional[str]:
+    """The shape of a constraint; whether its schema, pattern or grammar compiles is the engine's to say."""
+    if not isinstance(value, dict):
+        return f"must be a map with a type, got {msgpack_type_name(value)}"
+    kind = value.get("type")
+    if kind not in CONSTRAINT_KEYS:
+        return f".type={quote(kind)}: must be one of {', '.join(CONSTRAINT_KEYS)}"
+    keys = CONSTRAINT_KEYS[kind]
+    for key in value:
+        if key != "type" and key not in keys:
+            expected = ", ".join(["type", *keys])
+            return f"has unknown key {quote(key)} for type {kind} (expected: {expected})"
+    for key, (check, required) in keys.items():
+        if key not in value:
+            if required:
+                return f"a {kind} constraint needs {key!r}"
+            continue
+        problem = check(value[key])
+        if problem:
+            return f".{key}: {problem}"
+    return None
+
+
 def _generation(name: str) -> Callable[[Any], Optional[str]]:
     """A generate parameter, checked by the rule set every front and the engine share."""
     return lambda value: generation.problem(name, value, msgpack_type_name)
@@ -132,7 +172,10 @@ def _optional(check) -> _Field:
 # Each method's parameters; `_CROSS_CHECKS` adds the rules that involve several of them.
 METHOD_PARAMS: dict[str, dict[str, _Field]] = {
     "hello": {"protocol": _required(_integer(1)), "client": _optional(_string())},
-    "create_session": {},
+    "create_session": {
+        "speculative": _optional(_generation("speculative")),
+        "num_draft_tokens": _optional(_generation("num_draft_tokens")),
+    },
     "append": {
         "session_id": _required(_SESSION_ID),
         "tokens": _optional(_token_ids(non_empty=True)),
@@ -142,7 +185,13 @@ METHOD_PARAMS: dict[str, dict[str, _Field]] = {
     },
     "generate": {
         "session_id": _required(_SESSION_ID),
-        **{name: _optional(_generation(name)) for name in ("max_tokens", *generation.SAMPLING_NAMES, "stop")},
+        **{
+            name: _optional(_generation(name))
+            for name in ("max_tokens", *generation.SAMPLING_NAMES, "stop", "speculative", "num_draft_tokens")
+        },
+        "constraint": _optional(_constraint),
+        "logprobs": _optional(_boolean),
+        "top_logprobs": _optional(_generation("top_logprobs")),
     },
     "cancel": {"request_id": _optional(_REQUEST_ID), "session_id": _optional(_SESSION_ID)},
     "session_info": {"session_id": _required(_SESSION_ID)},
@@ -173,8 +222,15 @@ def _generation_prompt_needs_messages(params: dict) -> Optional[str]:
     return None
 
 
+def _top_logprobs_need_logprobs(params: dict) -> Optional[str]:
+    if params.get("top_logprobs") and params.get("logprobs") is not True:
+        return "top_logprobs needs logprobs=true"
+    return None
+
+
 _CROSS_CHECKS: dict[str, list[Callable[[dict], Optional[str]]]] = {
     "append": [_exactly_one("tokens", "text", "messages"), _generation_prompt_needs_messages],
+    "generate": [_top_logprobs_need_logprobs],
     "cancel": [_exactly_one("request_id", "session_id")],
 }
 
@@ -247,8 +303,8 @@ def parse_request(msg: dict, hello_done: bool = True) -> Request:
 
 
 def _name_problem(name: str, value: Any, problem: str) -> str:
-    """'max_tokens=0: must be >= 1', 'tokens[3]=-1: ...', or 'stop: ...' for a container."""
-    if problem.startswith("["):
+    """'max_tokens=0: must be >= 1', 'tokens[3]=-1: ...', 'constraint.type=...: ...', or 'stop: ...' for a container."""
+    if problem.startswith(("[", ".")):
         return name + problem
     if isinstance(value, (list, dict)):
         return f"{name}: {problem}"
@@ -315,6 +371,7 @@ def _check_event_data(event: str, data: dict) -> Optional[str]:
     if event == "tokens":
         if _token_ids(non_empty=False)(data.get("tokens")) or not isinstance(data.get("text"), str):
             return "a tokens event needs tokens (array of token ids) and text (str)"
+        return _logprobs_problem(data)
     elif event == "truncated":
         if not (_is_int(data.get("evicted")) and _is_int(data.get("total_evicted"))):
             return "a truncated event needs integer evicted and total_evicted"
@@ -329,6 +386,33 @@ def _check_event_data(event: str, data: dict) -> Optional[str]:
         error = data.get("error")
         if error is not None and _error_problem(error):
             return f"a done event's error {_error_problem(error)}"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, float) or _is_int(value)
+
+
+def _is_alternatives(value: Any) -> bool:
+    """[[token id, logprob], ...]"""
+    return isinstance(value, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0 and _is_number(pair[1])
+        for pair in value
+    )
+
+
+def _logprobs_problem(data: dict) -> Optional[str]:
+    """A tokens event's optional log probabilities: one entry (or nil) per token."""
+    n = len(data["tokens"])
+    logprobs, top = data.get("logprobs"), data.get("top_logprobs")
+    if logprobs is not None and not (
+        isinstance(logprobs, list) and len(logprobs) == n and all(v is None or _is_number(v) for v in logprobs)
+    ):
+        return "a tokens event's logprobs must be an array of numbers (or nil), one per token"
+    if top is not None and not (
+        isinstance(top, list) and len(top) == n and all(v is None or _is_alternatives(v) for v in top)
+    ):
+        return "a tokens event's top_logprobs must be an array, one per token, of [token id, logprob] pairs (or nil)"
     return None
 
 

@@ -33,6 +33,13 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_TOP_K = 2**31 - 1
 # How many of the session's most recent history tokens repetition_penalty looks at.
 REPETITION_CONTEXT = 64
+# OpenAI's range for frequency_penalty and presence_penalty.
+MAX_OCCURRENCE_PENALTY = 2.0
+# Most alternatives a token's log probabilities may list (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+# Speculative decoding: off, auto (drafts when it measurably pays), or a named drafter.
+SPECULATIVE_MODES = ("off", "auto", "prompt_lookup", "draft")
+MAX_DRAFT_TOKENS = 16
 
 
 def python_type_name(value: Any) -> str:
@@ -91,17 +98,54 @@ RULES: dict[str, Rule] = {
             MAX_REPETITION_PENALTY,
             note="1 turns it off",
         ),
+        Rule(
+            "frequency_penalty",
+            False,
+            0.0,
+            -MAX_OCCURRENCE_PENALTY,
+            MAX_OCCURRENCE_PENALTY,
+            note="subtracted from a token's logit once per time this turn generated it; 0 turns it off",
+        ),
+        Rule(
+            "presence_penalty",
+            False,
+            0.0,
+            -MAX_OCCURRENCE_PENALTY,
+            MAX_OCCURRENCE_PENALTY,
+            note="subtracted from the logit of every token this turn generated; 0 turns it off",
+        ),
         Rule("seed", True, None, 0, SEED_LIMIT - 1),
+        Rule("top_logprobs", True, 0, 0, MAX_TOP_LOGPROBS, note="alternatives listed per token, with logprobs"),
+        Rule("num_draft_tokens", True, None, 1, MAX_DRAFT_TOKENS, note="the most tokens drafted per step"),
     )
 }
-SAMPLING_NAMES = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+SAMPLING_NAMES = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+)
 
 
 def problem(name: str, value: Any, type_name: Callable[[Any], str] = python_type_name) -> Optional[str]:
     """Why generation parameter `name` cannot be `value` ("must be ..."), or None."""
     if name == "stop":
         return stop_problem(value, type_name)
+    if name == "speculative":
+        return speculative_problem(value, type_name)
     return RULES[name].problem(value, type_name)
+
+
+def speculative_problem(value: Any, type_name: Callable[[Any], str] = python_type_name) -> Optional[str]:
+    if not isinstance(value, str):
+        return f"must be a string, got {type_name(value)}"
+    if value not in SPECULATIVE_MODES:
+        return f"must be one of {', '.join(SPECULATIVE_MODES)}"
+    return None
 
 
 def explain(name: str, value: Any, type_name: Callable[[Any], str] = python_type_name) -> Optional[str]:

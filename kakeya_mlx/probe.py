@@ -18,9 +18,22 @@ alone only where a row's arithmetic does not depend on the rows beside it.
 Each check computes the same rows two ways, through the engine's own forward path
 (batch.py), and compares them bit for bit; a `ProbeResult` holds one `Check` per
 property.
+
+The probe costs a few forward passes (about 2 s for SmolLM2 on a 2-core CPU), so
+`probe_cached` keeps its result in a folder, keyed by everything the kernels that
+run depend on: the backend and its device, the MLX version, the BLAS and any
+preloaded library, the probe itself, and the model (its config, weight files and
+dtype). Anything else changes the key, and the probe runs again.
 """
 
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +46,11 @@ from .rope import layer_shifters
 TOKENS = 4
 # Token by token, and an odd split.
 PIECES = ((1, 1, 1, 1), (3, 1))
+# Part of the cache key: a change to what the probe checks makes old results stale.
+PROBE_VERSION = 2
+# Results kept at most; the least recently used beyond it are removed.
+MAX_CACHED_RESULTS = 64
+log = logging.getLogger("kakeya.engine")
 
 
 @dataclass(frozen=True)
@@ -135,3 +153,73 @@ def _compare(reference: dict[str, mx.array], others: list[dict[str, mx.array]]) 
 def _chunking(model: nn.Module, tokens: list[int]) -> Check:
     at_once = _forward_in_pieces(model, tokens, [len(tokens)])
     return _compare(at_once, [_forward_in_pieces(model, tokens, sizes) for sizes in PIECES])
+
+
+def probe_cached(model: nn.Module, vocab_size: int, model_key: str, folder: Path) -> tuple[ProbeResult, bool]:
+    """`probe(model)`, or its result kept in `folder` from an earlier run with the same key; (result, reused).
+
+    `model_key` names the model's weights as loaded (see `model_fingerprint`).
+    """
+    file = folder / f"{_key(model_key)}.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        found = ProbeResult(data["backend"], _check(data["chunking"]), _check(data["batching"]))
+        os.utime(file)  # recently used
+        return found, True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not probed yet (or an unreadable file): probe now
+    log.info("probing whether this backend computes the same bits in pieces and batched (once per model)")
+    found = probe(model, vocab_size)
+    try:
+        kept = {"backend": found.backend, "chunking": asdict(found.chunking), "batching": asdict(found.batching)}
+        _store(folder, file, kept)
+    except OSError as e:
+        log.warning("cannot keep the probe result in %s: %s", folder, e)
+    return found, False
+
+
+def _check(kept: dict) -> Check:
+    return Check(bool(kept["invariant"]), tuple(kept["differed"]), float(kept["max_abs_diff"]))
+
+
+def model_fingerprint(path: Path, config: dict, dtype: str) -> str:
+    """What a loaded model's computation depends on: its config, its weight files as they are, and its dtype."""
+    files = sorted(Path(path).glob("model*.safetensors"))
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return json.dumps({"config": config, "files": stats, "dtype": dtype}, sort_keys=True, default=str)
+
+
+def _key(model_key: str) -> str:
+    """The model's key with everything of the running kernels beside it, hashed."""
+    parts = {
+        "probe": [PROBE_VERSION, TOKENS, PIECES],
+        "backend": platform.backend(),
+        "device": mx.device_info(),
+        "mlx": mx.__version__,
+        "libraries": _linked_math_libraries(),
+        "preload": [os.environ.get(v, "") for v in ("LD_PRELOAD", "DYLD_INSERT_LIBRARIES")],
+        "os": [sys.platform, os.uname().release],
+        "model": model_key,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _linked_math_libraries() -> list[str]:
+    """The BLAS / LAPACK libraries mapped into this process (Linux); on macOS the OS release names Accelerate."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    names = {line.rsplit(maxsplit=1)[-1] for line in maps.splitlines() if "/" in line}
+    return sorted(n for n in names if any(k in Path(n).name.lower() for k in ("blas", "lapack", "mkl", "gfortran")))
+
+
+def _store(folder: Path, file: Path, data: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".partial")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, file)
+    kept = sorted(folder.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in kept[MAX_CACHED_RESULTS:]:
+        old.unlink(missing_ok=True)

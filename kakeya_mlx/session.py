@@ -33,7 +33,7 @@ class Session:
         self.logits: Optional[mx.array] = None  # next-token logits after the processed history
         self.created_at = time.time()
         self.last_used_at = self.created_at
-        self.turn = None  # the running turn (the engine's _Turn), set and cleared on the event loop
+        self.turn = None  # the running turn (the engine's turn.TurnState), set and cleared on the event loop
         self.cancel_requested = threading.Event()
         self.speculation = None  # speculative.Speculation, made by the first turn that drafts
         self.speculative: Optional[str] = None  # this session's default mode, None: the engine's

@@ -34,6 +34,9 @@ directory, fsync, rename, fsync of the directory.
 
 The format and the directory are one module (over 400 lines) because they make
 one promise together: a name either loads exactly what was saved or is refused.
+
+Over 400 lines because the file format, its checks (digest, fingerprint, names) and
+the store (atomic writes, size cap, LRU) are one contract, documented here once.
 """
 
 import errno

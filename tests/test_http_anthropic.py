@@ -18,6 +18,8 @@ from test_openai_http import KEY, running_front
 from kakeya_mlx.loader import load_model
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
+# The SDK no longer takes temperature itself; the daemon still does (its default samples).
+GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +55,15 @@ async def _events(front, body: dict) -> list[dict]:
 
 async def test_a_reply_is_the_same_greedy_text_as_on_the_openai_endpoint(front):
     system = "Be brief."
-    message = await front.anthropic.messages.create(model="claude-whatever", max_tokens=12, system=system, messages=ASK)
+    message = await front.anthropic.messages.create(
+        model="claude-whatever", max_tokens=12, system=system, messages=ASK, extra_body=GREEDY
+    )
     assert message.model == front.model and message.role == "assistant" and message.stop_reason == "max_tokens"
     (block,) = message.content
     chat = await front.client().chat.completions.create(
-        model=front.model, max_tokens=12, messages=[{"role": "system", "content": system}, *ASK]
+        model=front.model, max_tokens=12, messages=[{"role": "system", "content": system}, *ASK], temperature=0
     )
-    assert block.text == chat.choices[0].message.content  # one core, one default (greedy) for both APIs
+    assert block.text == chat.choices[0].message.content  # one core, one prompt and greedy stream for both APIs
     assert message.usage.output_tokens == 12
     counted = await front.anthropic.messages.count_tokens(model="x", system=system, messages=ASK)
     assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens
@@ -68,7 +72,7 @@ async def test_a_reply_is_the_same_greedy_text_as_on_the_openai_endpoint(front):
 
 async def test_streaming_sends_anthropics_event_sequence(front):
     body = {"model": "m", "max_tokens": 10, "messages": ASK}
-    events = await _events(front, body)
+    events = await _events(front, {**body, **GREEDY})
     kinds = [e["type"] for e in events]
     assert kinds[:3] == ["message_start", "ping", "content_block_start"]
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
@@ -80,9 +84,9 @@ async def test_streaming_sends_anthropics_event_sequence(front):
     assert delta["usage"]["output_tokens"] == 10
     text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
 
-    whole = await front.anthropic.messages.create(**body)
+    whole = await front.anthropic.messages.create(**body, extra_body=GREEDY)
     assert whole.content[0].text == text
-    async with front.anthropic.messages.stream(**body) as stream:
+    async with front.anthropic.messages.stream(**body, extra_body=GREEDY) as stream:
         seen = [event.type async for event in stream]
         final = await stream.get_final_message()
     assert final.content[0].text == text and final.stop_reason == "max_tokens"
@@ -118,11 +122,12 @@ async def test_a_tool_round_trip_reads_the_first_turn_from_the_cache(front):
 
 
 async def test_stop_sequences_and_a_continued_reply(front):
-    full = (await front.anthropic.messages.create(model="m", max_tokens=30, messages=ASK)).content[0].text
+    greedy = {"model": "m", "max_tokens": 30, "extra_body": GREEDY}
+    full = (await front.anthropic.messages.create(messages=ASK, **greedy)).content[0].text
     stop = next(
         full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip() and full[i : i + 2] not in full[:i]
     )
-    cut = await front.anthropic.messages.create(model="m", max_tokens=30, messages=ASK, stop_sequences=[stop, "zzzz"])
+    cut = await front.anthropic.messages.create(messages=ASK, stop_sequences=[stop, "zzzz"], **greedy)
     assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
     assert cut.content[0].text == full[: full.index(stop)]
     # A final assistant message is the reply's start: the model continues it.

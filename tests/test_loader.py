@@ -14,7 +14,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from kakeya_mlx.errors import ModelLoadError, UnsupportedModelError
-from kakeya_mlx.loader import SUPPORTED_MODEL_TYPES, held_arrays, load_model
+from kakeya_mlx.loader import held_arrays, load_model
+from kakeya_mlx.locate import SUPPORTED_MODEL_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -393,7 +393,7 @@ async def test_malformed_and_oversize_bodies(front):
         assert status == 400 and assert_error_envelope(reply)["code"] == "invalid_json", data
     big = json.dumps({"messages": [{"role": "user", "content": "x" * MAX_BODY}]}).encode()
     status, reply = await raw_post(front, "/v1/chat/completions", big)
-    assert status == 413 and f"max_body_bytes={MAX_BODY}" in assert_error_envelope(reply)["message"]
+    assert status == 413 and f"http_max_body_bytes={MAX_BODY}" in assert_error_envelope(reply)["message"]
     status, reply = await raw_post(front, "/v1/completions", json.dumps({"prompt": ["a", "b"]}).encode())
     assert status == 400 and assert_error_envelope(reply, "prompt")["code"] == "unsupported_parameter"
     status, reply = await raw_post(front, "/v1/completions", json.dumps({"prompt": [10**9]}).encode())

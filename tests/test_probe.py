@@ -22,7 +22,8 @@ import pytest
 
 from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
-from kakeya_mlx.probe import PIECES, TOKENS, probe
+from kakeya_mlx.loader import load_model
+from kakeya_mlx.probe import PIECES, TOKENS, model_fingerprint, probe, probe_cached
 
 REPO = Path(__file__).resolve().parents[1]
 OPENBLAS = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
@@ -66,26 +67,48 @@ class _Records(logging.Handler):
         self.lines.append((record.levelno, record.getMessage()))
 
 
-def test_the_engine_recomputes_where_the_probe_finds_a_difference_unless_configured(loaded_qwen3):
+def _engine_lines(loaded, **config) -> tuple[Engine, list[str]]:
     records = _Records()
     logger = logging.getLogger("kakeya.engine")
     level = logger.level
     logger.addHandler(records)
     logger.setLevel(logging.INFO)
     try:
-        probed = Engine(loaded_qwen3, EngineConfig(block=8))
-        forced = [Engine(loaded_qwen3, EngineConfig(block=8, recompute_blocks=v)).recompute_blocks for v in (True, False)]
+        engine = Engine(loaded, EngineConfig(block=8, **config))
     finally:
         logger.removeHandler(records)
         logger.setLevel(level)
+    return engine, [line for _, line in records.lines]
+
+
+def test_the_engine_recomputes_where_the_probe_finds_a_difference_unless_configured(loaded_qwen3):
+    probed, said = _engine_lines(loaded_qwen3)
+    forced = [_engine_lines(loaded_qwen3, recompute_blocks=v) for v in (True, False)]
     found = probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
     assert probed.recompute_blocks == (not found.chunk_invariant)
-    assert forced == [True, False]
-    assert records.lines[0] == (logging.INFO, f"{found.describe()}: recompute_blocks={probed.recompute_blocks}")
-    assert [line for _, line in records.lines[1:]] == [
-        "recompute_blocks=True, as configured (not probed)",
-        "recompute_blocks=False, as configured (not probed)",
+    assert [engine.recompute_blocks for engine, _ in forced] == [True, False]
+    assert said == [f"{found.describe()}: recompute_blocks={probed.recompute_blocks}"]
+    assert [lines for _, lines in forced] == [
+        ["recompute_blocks=True, as configured (not probed)"],
+        ["recompute_blocks=False, as configured (not probed)"],
     ]
+
+
+def test_the_probe_result_is_kept_for_the_next_start_with_the_same_model(loaded_qwen3, qwen3_dir, tmp_path):
+    first, said_first = _engine_lines(loaded_qwen3, probe_cache_dir=str(tmp_path))
+    again, said_again = _engine_lines(loaded_qwen3, probe_cache_dir=str(tmp_path))
+    assert not any("kept from an earlier start" in line for line in said_first)
+    assert any("kept from an earlier start" in line for line in said_again)
+    assert again.recompute_blocks == first.recompute_blocks
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    # Every check comes back as it was measured.
+    key = model_fingerprint(loaded_qwen3.path, loaded_qwen3.config, loaded_qwen3.dtype)
+    kept, reused = probe_cached(loaded_qwen3.model, loaded_qwen3.vocab_size, key, tmp_path)
+    assert reused and kept == probe(loaded_qwen3.model, loaded_qwen3.vocab_size)
+    # The same folder cast to another dtype is another model: probed anew.
+    cast, said_cast = _engine_lines(load_model(qwen3_dir, dtype="bfloat16"), probe_cache_dir=str(tmp_path))
+    assert not any("kept from an earlier start" in line for line in said_cast)
+    assert len(list(tmp_path.glob("*.json"))) == 2
 
 
 def _library_dir(tmp_path: Path) -> Path:
@@ -102,6 +125,10 @@ def _library_dir(tmp_path: Path) -> Path:
 
 @pytest.mark.skipif(not OPENBLAS.is_file(), reason="cmeel-openblas (a Linux x86-64 dev dependency) is not installed")
 def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path):
+    """Also where a result for the same model, measured with the reference BLAS, is kept: the key
+    holds the libraries the process runs, so the preloaded BLAS is probed anew."""
+    probes = tmp_path / "probes"
+    reference = Engine(load_model(make_model("qwen3")), EngineConfig(block=8, probe_cache_dir=str(probes)))
     script = textwrap.dedent(
         f"""
         import json
@@ -111,7 +138,7 @@ def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path
 
         loaded = load_model({str(make_model("qwen3"))!r})  # float32: its matrix products go to the BLAS
         found = probe(loaded.model, loaded.vocab_size)
-        engine = Engine(loaded, EngineConfig(block=8))
+        engine = Engine(loaded, EngineConfig(block=8, probe_cache_dir={str(probes)!r}))
         print(json.dumps({{"invariant": found.chunk_invariant, "differed": found.chunking.differed,
                           "max_abs_diff": found.chunking.max_abs_diff, "recompute": engine.recompute_blocks,
                           "batch_invariant": found.batch_invariant}}))
@@ -128,3 +155,5 @@ def test_an_optimized_blas_is_caught_and_turns_recompute_on(make_model, tmp_path
     assert out["recompute"] is True
     # Rows batched beside another are products over more rows too: the probe sees that as well.
     assert out["batch_invariant"] is False
+    assert reference.recompute_blocks is ("LD_PRELOAD" in os.environ)
+    assert len(list(probes.glob("*.json"))) == 2

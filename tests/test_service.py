@@ -205,6 +205,23 @@ def test_without_a_service_manager_every_action_explains_what_to_run(home, monke
     assert not (home / "Library").exists() and not (home / ".config").exists()
 
 
+def test_dry_run_without_a_service_manager_prints_what_it_would_write(home):
+    """Through the `kakeya` command, as on a Linux without systemd."""
+    env = {**os.environ, service.PLATFORM_ENV: "none"}
+    argv = ["service", "install", "--dry-run", "--model", "m", "--socket", str(home / "k.sock")]
+    cmd = [sys.executable, "-m", "kakeya_client", *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out, err = proc.stdout, proc.stderr
+    assert "no service manager here" in err and "would write" in err
+    arguments = daemon_arguments("m", str(home / "k.sock"))
+    if sys.platform == "darwin":
+        assert plistlib.loads(out.encode())["ProgramArguments"] == arguments
+    else:
+        assert out == service.render_unit(service.DEFAULT_UNIT, arguments, service.service_environment())
+    assert not (home / "Library").exists() and not (home / ".config").exists()
+
+
 def test_unknown_platform_override_is_named(home, monkeypatch, capsys):
     monkeypatch.setenv(service.PLATFORM_ENV, "upstart")
     assert kakeya_service("status") == 1

@@ -80,7 +80,7 @@ async def test_tokens_events_carry_log_probabilities_when_asked(qwen3_dir, sock_
         async with AsyncClient(daemon.socket_path) as client:
             session = await client.create_session()
             await session.append(text="Once upon a time")
-            _, events, done = await _turn(session, max_tokens=12, logprobs=True, top_logprobs=4)
+            _, events, done = await _turn(session, max_tokens=12, logprobs=True, top_logprobs=4, temperature=0)
             assert sum(len(e.tokens) for e in events) == done.generated_tokens == 12
             for event in events:
                 assert len(event.logprobs) == len(event.top_logprobs) == len(event.tokens)

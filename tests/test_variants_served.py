@@ -53,7 +53,7 @@ async def test_variant_generates_across_the_window_through_the_daemon(make_model
         async with AsyncClient(daemon.socket_path) as client:
             session = await client.create_session()
             await session.append(text=PROMPT)
-            events = await _generate(session, max_tokens=GENERATE)
+            events = await _generate(session, max_tokens=GENERATE, temperature=0)
             info = await session.info()
 
     done = events[-1]

@@ -21,7 +21,6 @@ import json
 import os
 import platform as host_platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -61,7 +61,7 @@ async def socket_decode_tps(client: AsyncClient, prompt: list[int], n: int) -> f
     session = await client.create_session()
     await session.append(tokens=prompt)
     stamps = []
-    async for event in session.generate(max_tokens=n):
+    async for event in session.generate(max_tokens=n, temperature=0):  # greedy, as the engine side
         if isinstance(event, TokensEvent):
             stamps += [time.perf_counter()] * len(event.tokens)
     await session.close()
@@ -72,7 +72,7 @@ async def one_client(socket: str, prompt: list[int], n: int) -> int:
     async with await AsyncClient.connect(socket, timeout=600) as client:
         session = await client.create_session()
         await session.append(tokens=prompt)
-        _, done = await session.complete(max_tokens=n)
+        _, done = await session.complete(max_tokens=n, temperature=0)
         await session.close()
         return done.generated_tokens
 

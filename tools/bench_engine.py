@@ -24,6 +24,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
 from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
@@ -55,9 +56,9 @@ async def our_decode_tps(engine: Engine, prompt: list[int], n: int) -> float:
     return done.decode_tokens_per_s
 
 
-def mlx_lm_decode_tps(loaded, prompt: list[int], n: int) -> float:
+def mlx_lm_decode_tps(loaded, reference_tokenizer, prompt: list[int], n: int) -> float:
     last = None
-    for last in stream_generate(loaded.model, loaded.tokenizer, prompt, max_tokens=n):
+    for last in stream_generate(loaded.model, reference_tokenizer, prompt, max_tokens=n):
         pass
     return last.generation_tps
 
@@ -84,7 +85,7 @@ async def our_turn_costs(engine: Engine, tokenizer, histories: list[int], repeat
     return out
 
 
-def mlx_lm_turn_costs(loaded, tokenizer, histories: list[int], repeats: int) -> dict:
+def mlx_lm_turn_costs(loaded, tokenizer, reference_tokenizer, histories: list[int], repeats: int) -> dict:
     cache = make_prompt_cache(loaded.model)
     out = {}
     length = 0
@@ -100,7 +101,9 @@ def mlx_lm_turn_costs(loaded, tokenizer, histories: list[int], repeats: int) -> 
             t0 = time.perf_counter()
             prompt = filler_tokens(tokenizer, TURN_APPEND, 10_000 + r)
             n = 0
-            for _ in stream_generate(loaded.model, loaded.tokenizer, prompt, max_tokens=TURN_GENERATE, prompt_cache=cache):
+            for _ in stream_generate(
+                loaded.model, reference_tokenizer, prompt, max_tokens=TURN_GENERATE, prompt_cache=cache
+            ):
                 n += 1
             times.append(time.perf_counter() - t0)
         out[target] = {"turn_s": statistics.median(times), "kv_bytes": sum(c.nbytes for c in cache)}
@@ -113,6 +116,8 @@ async def main_async(args) -> dict:
     # Benchmarks need fixed lengths: no early stop on EOS.
     loaded = dataclasses.replace(loaded, eos_token_ids=[])
     tok = loaded.tokenizer
+    # mlx-lm runs with its own tokenizer wrapper (transformers underneath), as its users run it.
+    reference_tok = load_mlx_lm_tokenizer(loaded.path)
     config = EngineConfig(sink=args.sink, window=args.window, block=args.block, max_append_tokens=1 << 20)
     engine = Engine(loaded, config)
     await engine.start()
@@ -123,10 +128,10 @@ async def main_async(args) -> dict:
     prompt = filler_tokens(tok, args.prompt_tokens, 1)
     ours, theirs = [], []
     await our_decode_tps(engine, prompt, 8)  # warm-up both paths
-    mlx_lm_decode_tps(loaded, prompt, 8)
+    mlx_lm_decode_tps(loaded, reference_tok, prompt, 8)
     for i in range(args.repeats):
         ours.append(await our_decode_tps(engine, prompt, args.decode_tokens))
-        theirs.append(mlx_lm_decode_tps(loaded, prompt, args.decode_tokens))
+        theirs.append(mlx_lm_decode_tps(loaded, reference_tok, prompt, args.decode_tokens))
         log(f"decode run {i + 1}: ours {ours[-1]:.2f} tok/s, mlx-lm {theirs[-1]:.2f} tok/s")
     decode = {
         "ours_tokens_per_s": statistics.median(ours),
@@ -138,7 +143,7 @@ async def main_async(args) -> dict:
     log(f"per-turn cost at histories {histories} (ours) ...")
     turn_ours = await our_turn_costs(engine, tok, histories, args.turn_repeats)
     log("per-turn cost (mlx-lm with its prompt cache) ...")
-    turn_theirs = mlx_lm_turn_costs(loaded, tok, histories, args.turn_repeats)
+    turn_theirs = mlx_lm_turn_costs(loaded, tok, reference_tok, histories, args.turn_repeats)
     await engine.stop()
 
     first, last = histories[0], histories[-1]

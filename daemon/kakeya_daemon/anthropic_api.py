@@ -94,7 +94,9 @@ class MessagesRequest:
     tool_choice: ToolChoice
     parallel_tool_calls: bool
     max_tokens: int | None  # None only for count_tokens
-    params: dict  # wire-style generate params: max_tokens, temperature, top_p, top_k, stop (those given)
+    # Wire-style generate params: max_tokens, temperature, top_p, top_k, stop (those given); the
+    # daemon core fills the rest with the defaults in force, as for every front.
+    params: dict
     stop_sequences: list[str]
     stream: bool
     prefill: str | None = None  # a final assistant message: the reply continues this text
@@ -177,7 +179,7 @@ def _number(body: dict, name: str, low: float, high: float) -> float | None:
 
 
 def _params(body: dict, max_tokens: int, stop_sequences: list[str]) -> dict:
-    """The generation fields given, as wire-style generate params; those left out take the shared defaults."""
+    """The generation fields given, as wire-style generate params; those left out take the defaults in force."""
     params: dict = {"max_tokens": max_tokens}
     temperature = _number(body, "temperature", 0.0, MAX_TEMPERATURE)
     if temperature is not None:

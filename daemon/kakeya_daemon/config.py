@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from kakeya_mlx.locate import DEFAULT_MODEL  # locate.py imports no MLX: reading settings stays fast
 from kakeya_protocol import MAX_FRAME_BYTES, default_socket_path
 from kakeya_protocol.params import MAX_DRAFT_TOKENS, SPECULATIVE_MODES
 
-# The loader's name for the bundled model (kakeya_mlx.loader.DEFAULT_MODEL), spelled
-# out here so that reading settings does not import MLX.
-DEFAULT_MODEL = "smollm2"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 QUEUE_POLICIES = ("queue", "reject")
 EVICTIONS = ("spill", "destroy")

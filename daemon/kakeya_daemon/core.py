@@ -22,11 +22,12 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 from kakeya_mlx.engine import Engine
 from kakeya_mlx.errors import BusyError
 from kakeya_mlx.store import SessionStore
+from kakeya_protocol import params as rules
 from kakeya_protocol.quote import quote
 
 from .admission import Admission, Refusal
@@ -84,6 +85,10 @@ class DaemonCore:
         self.residency = Residency(
             engine, self.registry, self.counters, self.governor, self.stored, limits.idle_sweep_interval_s
         )
+        model, dropped = rules.model_sampling(engine.loaded.generation_config)
+        for why in dropped:
+            log.warning("ignoring %s in %s", why, engine.loaded.path / "generation_config.json")
+        self.sampling_defaults, self.sampling_sources = rules.sampling_defaults(model)
         self.stopping = False
 
     # ---- lifecycle -------------------------------------------------------
@@ -92,6 +97,7 @@ class DaemonCore:
         """Measure what the memory budget needs (only when there is one) and start the sweeper."""
         engine = self.engine
         if self.limits.memory_budget_bytes is not None:
+            log.info("measuring a forward pass's working memory for memory_budget_bytes")
             shape = MemoryShape(
                 engine.weights_bytes(), await engine.measure_working_bytes(), engine.full_session_kv_bytes()
             )
@@ -308,6 +314,20 @@ class DaemonCore:
         return await self.engine.detokenize(tokens)
 
     # ---- turns -----------------------------------------------------------
+
+    def generation_request(self, params: Mapping, **extra) -> GenerationRequest:
+        """A generate's settings from its checked wire-style params, the defaults in force filling the gaps;
+        `extra` sets fields the params do not carry (see GenerationRequest.from_params)."""
+        max_new_tokens = self.engine.config.max_new_tokens
+        return GenerationRequest.from_params(params, max_new_tokens, self.sampling_defaults, **extra)
+
+    def generation_defaults(self) -> dict:
+        """What a generate that leaves a field out gets, and where each value comes from ("model" or "default")."""
+        return {
+            "max_tokens": rules.default_max_tokens(self.engine.config.max_new_tokens),
+            **self.sampling_defaults,
+            "sources": dict(self.sampling_sources),
+        }
 
     def open_turn(self, lease: Lease, request: GenerationRequest) -> Turn:
         """Accept a generate on the leased session; `start()` it, iterate it, and `close()` it when done."""

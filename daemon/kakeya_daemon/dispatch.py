@@ -18,7 +18,7 @@ from kakeya_protocol.quote import quote
 
 from .config import DaemonConfig
 from .connection import Connection
-from .core import DaemonCore, GenerationRequest, Turn
+from .core import DaemonCore, Turn
 from .registry import Lease
 
 log = logging.getLogger("kakeya.daemon")
@@ -114,6 +114,7 @@ class Dispatcher:
             "shutdown": self._shutdown,
         }
         self.on_shutdown = None  # set by the daemon: called once a shutdown request is answered
+        self.http_urls: list[str] = []  # set by the daemon when the HTTP front serves
 
     async def handle(self, conn: Connection, message: dict, size: int) -> None:
         """One frame from `conn`, in arrival order."""
@@ -160,6 +161,7 @@ class Dispatcher:
                 "protocol": PROTOCOL_VERSION,
                 "server": f"kakeya-mlx/{__version__}",
                 "model": self.core.engine.model_info(),
+                "generation_defaults": self.core.generation_defaults(),
                 "limits": {
                     "max_frame_bytes": c.max_frame_bytes,
                     "max_sessions": c.max_sessions,
@@ -173,6 +175,7 @@ class Dispatcher:
                     "max_requests_per_connection": c.max_requests_per_connection,
                     "frame_timeout_s": c.frame_timeout_s,
                 },
+                "http": {"enabled": bool(self.http_urls), "urls": list(self.http_urls)},
             },
         )
 
@@ -197,7 +200,7 @@ class Dispatcher:
         """Lease the session and register the turn now; its task starts, streams and ends it."""
         lease = self.core.lease(params["session_id"], f"conn {conn.number} request {request_id}")
         try:
-            turn = self.core.open_turn(lease, GenerationRequest.from_params(params, self.config.max_new_tokens))
+            turn = self.core.open_turn(lease, self.core.generation_request(params))
         except BaseException:
             lease.release()
             raise

@@ -25,7 +25,6 @@ from .anthropic_api import (
     parse_messages_request,
     stop_reason,
 )
-from .core import GenerationRequest
 from .http_handlers import Generation, HttpFront, Prompt, evicted_headers
 
 MESSAGES = "/v1/messages"
@@ -75,7 +74,7 @@ class AnthropicEndpoints:
                 constraint = await self.core.engine.compile_constraint(spec, "tools")
             except EngineError as exc:
                 raise AnthropicError.from_engine(exc) from None
-        wanted = GenerationRequest.from_params(parsed.params, front.max_new_tokens, constraint=constraint)
+        wanted = front.core.generation_request(parsed.params, constraint=constraint)
         async with front.generation(request, MESSAGES, Prompt(text), wanted) as generation:
             if parsed.stream:
                 return await self._stream(request, generation, parsed, offered)

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
+from kakeya_mlx import __version__
 from kakeya_mlx.errors import EngineError, InvalidArgumentError
 from kakeya_mlx.events import DoneEvent, TokenEvent, TruncatedEvent
 from kakeya_protocol.quote import quote
@@ -34,8 +35,11 @@ from .http_pool import Checkout, SessionPool
 log = logging.getLogger("kakeya.http")
 
 ENDPOINTS = (
-    "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/messages, POST /v1/messages/count_tokens"
+    "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/messages, "
+    "POST /v1/messages/count_tokens, GET /info"
 )
+# Seconds a client told 429 (busy, or no generation slot or memory) waits before retrying.
+RETRY_AFTER_S = 1
 ANTHROPIC_PREFIX = "/v1/messages"
 # Says how many tokens of the conversation the model no longer sees (the window slid past them).
 EVICTED_HEADER = "X-Kakeya-Evicted-Tokens"
@@ -78,7 +82,7 @@ class HttpOptions:
 
 def error_response(error: api.ApiError, anthropic: bool = False) -> web.Response:
     """The error in the OpenAI shape, or in Anthropic's for its endpoints."""
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": str(RETRY_AFTER_S)}}.get(error.status)
     body = AnthropicError.from_openai(error.status, error.message, error.type).body() if anthropic else error.body()
     return web.json_response(body, status=error.status, headers=headers, dumps=api.dumps)
 
@@ -93,7 +97,7 @@ def from_engine(exc: EngineError, param=None) -> api.ApiError:
 
 def from_http(exc: web.HTTPException, method: str, max_body_bytes: int) -> api.ApiError:
     if exc.status == 413:
-        return api.ApiError(413, f"request body exceeds max_body_bytes={max_body_bytes}", code="request_too_large")
+        return api.ApiError(413, f"request body exceeds http_max_body_bytes={max_body_bytes}", code="request_too_large")
     if exc.status == 404:
         return api.ApiError(404, f"no such endpoint; see {ENDPOINTS}", code="not_found")
     if exc.status == 405:
@@ -268,7 +272,7 @@ class HttpFront:
         if request.content_length is not None and request.content_length > limit:
             raise api.ApiError(
                 413,
-                f"request body of {request.content_length} bytes exceeds max_body_bytes={limit}",
+                f"request body of {request.content_length} bytes exceeds http_max_body_bytes={limit}",
                 code="request_too_large",
             )
         try:
@@ -296,6 +300,25 @@ class HttpFront:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "model": self.model_name})
+
+    async def info(self, request: web.Request) -> web.Response:
+        """The model, the generation defaults in force and the limits (the socket's `hello` says the same)."""
+        limits = self.core.limits
+        return web.json_response(
+            {
+                "server": f"kakeya-mlx/{__version__}",
+                "model": self.core.engine.model_info(),
+                "generation_defaults": self.core.generation_defaults(),
+                "limits": {
+                    "max_new_tokens": self.max_new_tokens,
+                    "max_sessions": limits.max_sessions,
+                    "max_concurrent_generations": limits.max_concurrent_generations,
+                    "http_max_body_bytes": self.options.max_body_bytes,
+                    "http_max_sessions": self.options.max_sessions,
+                },
+            },
+            dumps=api.dumps,
+        )
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": int(self.started_at), "owned_by": "kakeya-mlx"}

@@ -121,7 +121,7 @@ class OpenAIEndpoints:
                 constraint = await self.core.engine.compile_constraint(spec, where)
             except EngineError as exc:
                 raise from_engine(exc, param=where) from None
-        generation = GenerationRequest.from_params(params, self.front.max_new_tokens, constraint=constraint)
+        generation = self.core.generation_request(params, constraint=constraint)
         return _Asked(chat, model, generation, tools, stream, include_usage)
 
     async def _run(self, request: web.Request, endpoint: str, prompt: Prompt, asked: _Asked) -> web.StreamResponse:

@@ -5,14 +5,12 @@ aiohttp parses HTTP; its per-connection protocol is subclassed here (aiohttp's
 not do itself: a cap on open connections (`http_max_connections`), a time limit
 for a request to arrive once begun (`frame_timeout_s`), refusing peers of another
 user on the Unix socket, and errors from its HTTP parser in the OpenAI shape
-instead of plain text. The Unix socket is claimed with the main socket's code
-(private directory, lock, stale file, mode 0600).
+instead of plain text. The sockets were bound before the model loaded (listeners.py).
 """
 
 import asyncio
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from aiohttp import web
@@ -24,18 +22,16 @@ from .core import DaemonCore
 from .http_anthropic import AnthropicEndpoints
 from .http_handlers import HttpFront, HttpOptions
 from .http_openai import OpenAIEndpoints
-from .lifecycle import ClaimedSocket, StartError, check_peer
+from .lifecycle import check_peer
+from .listeners import HttpListeners
 
 log = logging.getLogger("kakeya.http")
 
 
 @dataclass(frozen=True)
 class ListenOptions:
-    """Where the HTTP front listens and how many connections it keeps. port None = no TCP; 0 = any free port."""
+    """How many connections the HTTP front keeps, and for how long (where it listens: listeners.HttpListeners)."""
 
-    host: str = "127.0.0.1"
-    port: Optional[int] = None
-    unix_socket: Optional[str] = None
     max_connections: int = 64
     keepalive_s: float = 75.0
     frame_timeout_s: float = 30.0
@@ -142,18 +138,18 @@ class _Connection(web.RequestHandler):
 class HttpServer:
     """A running HTTP front; `urls` lists where it listens."""
 
-    def __init__(self, core: DaemonCore, options: HttpOptions, listen: ListenOptions):
+    def __init__(self, core: DaemonCore, options: HttpOptions, listen: ListenOptions, bound: HttpListeners):
         self.core = core
         self.listen = listen
+        self.bound = bound
         self.front = HttpFront(core, options)
         self.open_connections = 0
-        self.urls: list[str] = []
-        self.claimed: Optional[ClaimedSocket] = None
+        self.urls = list(bound.urls)
         self._listeners: list[asyncio.AbstractServer] = []
         self._runner: Optional[web.AppRunner] = None
 
     async def start(self) -> None:
-        """Listen; raises StartError saying where and why it cannot."""
+        """Serve on the bound sockets."""
         front = self.front
         openai_endpoints, anthropic_endpoints = OpenAIEndpoints(front), AnthropicEndpoints(front)
         app = web.Application(
@@ -161,6 +157,7 @@ class HttpServer:
         )
         app.on_response_prepare.append(front.on_response_prepare)
         app.router.add_get("/healthz", front.healthz)
+        app.router.add_get("/info", front.info)
         app.router.add_get("/metrics", front.metrics)
         app.router.add_get("/v1/models", front.list_models)
         app.router.add_get("/v1/models/{model}", front.get_model)
@@ -172,25 +169,9 @@ class HttpServer:
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         loop = asyncio.get_running_loop()
-        listen = self.listen
         try:
-            if listen.port is not None:
-                where = f"{listen.host}:{listen.port}"
-                try:
-                    server = await loop.create_server(self._make_connection, listen.host, listen.port)
-                except OSError as exc:
-                    raise StartError(f"cannot serve the HTTP front on {where}: {exc.strerror or exc}") from None
-                self._listeners.append(server)
-                for sock in server.sockets:
-                    host, port = sock.getsockname()[:2]
-                    self.urls.append(f"http://{'[' + host + ']' if ':' in host else host}:{port}")
-            if listen.unix_socket:
-                self.claimed = ClaimedSocket(Path(listen.unix_socket).expanduser(), "--http-socket")
-                self.claimed.claim()
-                server = await loop.create_unix_server(self._make_connection, str(self.claimed.path))
-                self._listeners.append(server)
-                self.claimed.served()
-                self.urls.append(f"unix:{self.claimed.path}")
+            for sock in self.bound.sockets:
+                self._listeners.append(await loop.create_server(self._make_connection, sock=sock))
         except BaseException:
             await self.stop()
             raise
@@ -231,16 +212,12 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self.claimed is not None:
-            self.claimed.release()
-            self.claimed = None
+        self.bound.close()
 
 
-async def start_http(core: DaemonCore, options: HttpOptions, listen: ListenOptions) -> HttpServer:
-    """Serve the HTTP front on TCP (listen.port) and/or a Unix socket (listen.unix_socket)."""
-    if listen.port is None and not listen.unix_socket:
-        raise ValueError("the HTTP front needs a TCP port or a Unix socket path")
-    server = HttpServer(core, options, listen)
+async def start_http(core: DaemonCore, options: HttpOptions, listen: ListenOptions, bound: HttpListeners) -> HttpServer:
+    """Serve the HTTP front on the sockets `bound` (listeners.bind_http) holds."""
+    server = HttpServer(core, options, listen, bound)
     await server.start()
     return server
 

@@ -1,4 +1,12 @@
-"""The daemon's lifecycle: load the model, start the core and the fronts, stop them all in order.
+"""The daemon's lifecycle: check everything, load the model, start the core and the fronts, stop them all in order.
+
+Starting runs in three steps, cheapest first, so that a mistake is reported in
+milliseconds rather than after the model has loaded: `prepare` finds the model
+(locate.py: no MLX), claims the socket and binds the HTTP front's sockets;
+`load_models` imports the engine and loads the weights (the slow part, with a
+progress line per step); `serve` starts the engine, the core and the fronts. This
+module imports only the light parts at the top: the engine, the core and aiohttp
+are imported by the steps that use them (aiohttp only when the HTTP front is on).
 
 One model, one engine, one core; the Unix-socket front always, the
 OpenAI-compatible HTTP front when asked for. Stopping (SIGTERM, SIGINT, the
@@ -13,20 +21,24 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import AsyncIterator, Optional
+from typing import TYPE_CHECKING, AsyncIterator, Optional
 
-import mlx.core as mx
-from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.errors import EngineError
+from kakeya_mlx.locate import ModelSource, locate
 
 from .config import AUTO_BUDGET_FRACTION, ConfigError, DaemonConfig, load_config
-from .core import DaemonCore, Limits
-from .http_handlers import HttpOptions
-from .http_server import HttpServer, ListenOptions, start_http
 from .lifecycle import ClaimedSocket, StartError, StoreLock
+from .listeners import HttpListeners, bind_http
 from .logs import setup_logging
-from .socket_front import SocketFront
-from .stored import StoreSettings, open_store
+
+if TYPE_CHECKING:
+    from kakeya_mlx.engine import Engine
+    from kakeya_mlx.loader import LoadedModel
+
+    from .core import DaemonCore, Limits
+    from .http_server import HttpServer
+    from .socket_front import SocketFront
+    from .stored import StoreSettings
 
 log = logging.getLogger("kakeya.daemon")
 
@@ -37,6 +49,8 @@ def resolve_memory_budget(configured: int) -> Optional[int]:
         return configured
     if configured < 0:
         return None
+    import mlx.core as mx
+
     try:
         working_set = mx.device_info().get("max_recommended_working_set_size")
     except Exception:  # backends without device info have no budget to derive
@@ -44,7 +58,9 @@ def resolve_memory_budget(configured: int) -> Optional[int]:
     return int(working_set * AUTO_BUDGET_FRACTION) if working_set else None
 
 
-def core_limits(config: DaemonConfig) -> Limits:
+def core_limits(config: DaemonConfig) -> "Limits":
+    from .core import Limits
+
     return Limits(
         max_sessions=config.max_sessions,
         max_concurrent_generations=config.max_concurrent_generations,
@@ -61,67 +77,111 @@ def core_limits(config: DaemonConfig) -> Limits:
 class Daemon:
     """Use `running_daemon`, or start() / stop(). `core` is what both fronts call."""
 
-    def __init__(self, config: DaemonConfig, loaded=None):
+    def __init__(self, config: DaemonConfig, loaded: "Optional[LoadedModel]" = None):
         config.validate()
         self.config = config
         self.socket_path = config.socket_path()
-        self.engine: Optional[Engine] = None
-        self.core: Optional[DaemonCore] = None
-        self.socket: Optional[SocketFront] = None
-        self.http: Optional[HttpServer] = None
+        self.engine: Optional["Engine"] = None
+        self.core: Optional["DaemonCore"] = None
+        self.socket: Optional["SocketFront"] = None
+        self.http: Optional["HttpServer"] = None
+        self.source: Optional[ModelSource] = None
+        self.draft_source: Optional[ModelSource] = None
         self._loaded = loaded
         self._claimed = ClaimedSocket(self.socket_path)
         self._store_lock: Optional[StoreLock] = None
+        self._http_bound: Optional[HttpListeners] = None
         self._stop_task: Optional[asyncio.Task] = None
         self._stopping = False
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Claim the socket, load the model, start the engine and the core, then listen."""
-        self._claimed.claim()
+        """prepare(), load_models(), serve(): the whole start; everything claimed is released if a step fails."""
         try:
-            loaded = self._loaded
-            if loaded is None:
-                from kakeya_mlx.loader import load_model
-
-                # On this thread, not a worker: MLX arrays made on a thread that then exits
-                # can abort the process at exit (seen with MLX 0.32). Nothing is served yet.
-                loaded = load_model(self.config.model, dtype=self.config.dtype or None, progress=_progress)
-            c = self.config
-            draft = self._load_draft()
-            store_settings = _store_settings(c)
-            store, self._store_lock, unavailable = open_store(store_settings)
-            if store is None and (c.eviction == "spill" or c.stop_save_s > 0):
-                log.warning(
-                    "no session store (%s): sessions leaving memory are closed, none is saved at a stop", unavailable
-                )
-            self.engine = Engine(
-                loaded,
-                EngineConfig(
-                    sink=c.sink,
-                    window=c.window or None,
-                    block=c.block,
-                    max_append_tokens=c.max_append_tokens,
-                    max_new_tokens=c.max_new_tokens,
-                    decode_batch_size=c.decode_batch_size,
-                    prefill_step_tokens=c.prefill_step_tokens,
-                    speculative=c.speculative,
-                    num_draft_tokens=c.num_draft_tokens,
-                ),
-                draft=draft,
-                store=store,
-            )
-            await self.engine.start()
-            self.core = DaemonCore(self.engine, core_limits(c), store, store_settings, unavailable or "")
-            await self.core.start()
-            self.socket = SocketFront(self.core, c, self._claimed)
-            self.socket.dispatcher.on_shutdown = self.request_stop
-            await self.socket.start()
-            if c.http_enabled:
-                self.http = await start_http(self.core, _http_options(c), _listen_options(c))
+            self.prepare()
+            loaded = self._loaded if self._loaded is not None else self.load_models()
+            await self.serve(loaded)
         except BaseException:
             await self._release()
             raise
+
+    def prepare(self) -> None:
+        """The checks that need no model: find it, claim the socket, bind the HTTP front.
+
+        Raises StartError or EngineError (ModelLoadError) saying why it cannot start.
+        """
+        c = self.config
+        if self._loaded is None:
+            self.source = locate(c.model)
+        if c.draft_model:
+            try:
+                self.draft_source = locate(c.draft_model)
+            except EngineError as exc:
+                raise StartError(f"draft model {c.draft_model}: {exc.message}") from None
+        self._claimed.claim()
+        if c.http_enabled:
+            self._http_bound = bind_http(c.http_host, c.http_port or None, c.http_socket or None)
+            exposed = self._http_bound.exposed
+            if exposed and not c.http_api_keys.strip():
+                log.warning(
+                    "the HTTP front will listen on %s without API keys: anyone who can reach this machine can use "
+                    "the model; set --http-api-keys, or keep --http-host on 127.0.0.1",
+                    ", ".join(exposed),
+                )
+
+    def load_models(self) -> "LoadedModel":
+        """Import the engine and load the model named by the settings, saying what happens."""
+        log.info("loading the engine (MLX)")
+        from kakeya_mlx.loader import load_model
+
+        # On this thread, not a worker: MLX arrays made on a thread that then exits
+        # can abort the process at exit (seen with MLX 0.32). Nothing is served yet.
+        return load_model(dtype=self.config.dtype or None, progress=_progress, source=self.source)
+
+    async def serve(self, loaded: "LoadedModel") -> None:
+        """Start the engine (probing the backend once per model), the core, then the fronts."""
+        from kakeya_mlx import platform
+        from kakeya_mlx.engine import Engine, EngineConfig
+
+        from .core import DaemonCore
+        from .socket_front import SocketFront
+
+        from .stored import open_store
+
+        c = self.config
+        store_settings = _store_settings(c)
+        store, self._store_lock, unavailable = open_store(store_settings)
+        if store is None and (c.eviction == "spill" or c.stop_save_s > 0):
+            log.warning("no session store (%s): sessions leaving memory are closed, none is saved at a stop", unavailable)
+        self.engine = Engine(
+            loaded,
+            EngineConfig(
+                sink=c.sink,
+                window=c.window or None,
+                block=c.block,
+                max_append_tokens=c.max_append_tokens,
+                max_new_tokens=c.max_new_tokens,
+                decode_batch_size=c.decode_batch_size,
+                prefill_step_tokens=c.prefill_step_tokens,
+                speculative=c.speculative,
+                num_draft_tokens=c.num_draft_tokens,
+                probe_cache_dir=str(platform.default_cache_dir() / "probes"),
+            ),
+            draft=self._load_draft(),
+            store=store,
+        )
+        await self.engine.start()
+        self.core = DaemonCore(self.engine, core_limits(c), store, store_settings, unavailable or "")
+        await self.core.start()
+        self.socket = SocketFront(self.core, c, self._claimed)
+        self.socket.dispatcher.on_shutdown = self.request_stop
+        await self.socket.start()
+        if self._http_bound is not None:
+            from .http_server import start_http
+
+            bound, self._http_bound = self._http_bound, None
+            self.http = await start_http(self.core, _http_options(c), _listen_options(c), bound)
+            self.socket.dispatcher.http_urls = self.http.urls
         info = self.engine.model_info()
         log.info(
             "serving %s on %s (sink=%d window=%d block=%d, max_sessions=%d, max_concurrent_generations=%d, "
@@ -131,8 +191,8 @@ class Daemon:
             info["sink"],
             info["window"],
             info["block"],
-            self.config.max_sessions,
-            self.config.max_concurrent_generations,
+            c.max_sessions,
+            c.max_concurrent_generations,
             f"{self.core.limits.memory_budget_bytes} bytes" if self.core.limits.memory_budget_bytes else "none",
         )
 
@@ -143,7 +203,8 @@ class Daemon:
         from kakeya_mlx.loader import load_model
 
         try:
-            return load_model(self.config.draft_model, dtype=self.config.dtype or None, progress=_progress)
+            c = self.config
+            return load_model(c.draft_model, dtype=c.dtype or None, progress=_progress, source=self.draft_source)
         except EngineError as exc:
             raise StartError(f"draft model {self.config.draft_model}: {exc.message}") from None
 
@@ -178,6 +239,9 @@ class Daemon:
             await self.socket.close()
         if self.http is not None:
             await self.http.stop()
+        if self._http_bound is not None:
+            self._http_bound.close()
+            self._http_bound = None
         if self.core is not None:
             await self.core.stop()
             if save:
@@ -189,7 +253,9 @@ class Daemon:
         self._claimed.release()
 
 
-def _store_settings(c: DaemonConfig) -> StoreSettings:
+def _store_settings(c: DaemonConfig) -> "StoreSettings":
+    from .stored import StoreSettings
+
     return StoreSettings(
         directory=Path(c.store_dir).expanduser() if c.store_dir else None,
         max_bytes=c.store_max_bytes,
@@ -198,7 +264,9 @@ def _store_settings(c: DaemonConfig) -> StoreSettings:
     )
 
 
-def _http_options(c: DaemonConfig) -> HttpOptions:
+def _http_options(c: DaemonConfig):
+    from .http_handlers import HttpOptions
+
     return HttpOptions(
         api_keys=tuple(k.strip() for k in c.http_api_keys.split(",") if k.strip()),
         max_body_bytes=c.http_max_body_bytes,
@@ -208,11 +276,10 @@ def _http_options(c: DaemonConfig) -> HttpOptions:
     )
 
 
-def _listen_options(c: DaemonConfig) -> ListenOptions:
+def _listen_options(c: DaemonConfig):
+    from .http_server import ListenOptions
+
     return ListenOptions(
-        host=c.http_host,
-        port=c.http_port or None,
-        unix_socket=c.http_socket or None,
         max_connections=c.http_max_connections,
         keepalive_s=c.http_keepalive_s,
         frame_timeout_s=c.frame_timeout_s,
@@ -224,7 +291,7 @@ def _progress(message: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_daemon(config: DaemonConfig, loaded=None) -> AsyncIterator[Daemon]:
+async def running_daemon(config: DaemonConfig, loaded: "Optional[LoadedModel]" = None) -> AsyncIterator[Daemon]:
     """Start a daemon in the running event loop; stop it gracefully on exit.
 
     `loaded` (a LoadedModel) skips loading `config.model`, so tests can share one.

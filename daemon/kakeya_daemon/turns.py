@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 from kakeya_mlx.constrain import Constraint
-from kakeya_mlx.engine import TurnStream
+from kakeya_mlx.turn import TurnStream
 from kakeya_mlx.events import DoneEvent
 from kakeya_mlx.sampling import SamplingParams
 from kakeya_protocol import params as rules
@@ -43,11 +43,17 @@ class GenerationRequest:
     top_logprobs: int = 0
 
     @classmethod
-    def from_params(cls, params: Mapping, max_new_tokens: int, **extra) -> "GenerationRequest":
+    def from_params(
+        cls, params: Mapping, max_new_tokens: int, sampling_defaults: Optional[Mapping] = None, **extra
+    ) -> "GenerationRequest":
         """From checked wire-style params (max_tokens, temperature, ..., stop, speculative, num_draft_tokens,
-        constraint, logprobs, top_logprobs); absent or None takes the default. `extra` sets the other fields."""
+        constraint, logprobs, top_logprobs); absent or None takes the default. `extra` sets the other fields.
+
+        Sampling follows `rules.resolve_sampling`: the request's fields, else `sampling_defaults`
+        (the model's and the documented ones, see DaemonCore), else the engine's (off).
+        """
         max_tokens = params.get("max_tokens")
-        sampling = {k: params[k] for k in rules.SAMPLING_NAMES if params.get(k) is not None}
+        sampling = rules.resolve_sampling(dict(params), dict(sampling_defaults or {}))
         top_logprobs = params.get("top_logprobs")
         fields = {
             "speculative": params.get("speculative"),

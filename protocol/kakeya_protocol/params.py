@@ -1,11 +1,18 @@
 """Generation parameters: one rule set (types, ranges, defaults) for every front and the engine.
 
-The socket codec checks `generate` requests with these rules, the HTTP front maps
-an OpenAI body onto them, and the engine's `SamplingParams.validate` uses them, so
+The socket codec checks `generate` requests with these rules, the HTTP fronts map
+their bodies onto them, and the engine's `SamplingParams.validate` uses them, so
 a value means the same thing, and is refused with the same words, wherever it
 comes from. The ranges are what the sampler computes correctly in float32.
 Plain data and functions; the engine may import this module (and only this one)
 of the protocol package.
+
+Which sampling a generate gets when it leaves a field out is one rule too
+(`resolve_sampling`): the request's own value wins, then the model's
+(`model_sampling`: its generation_config.json), then DEFAULT_SAMPLING. A request
+that asks temperature 0 decodes greedily with only the fields it gives itself.
+A rule's `default` is the value that turns its field off: what the engine uses
+for a field nothing sets.
 """
 
 import math
@@ -160,6 +167,62 @@ def stop_problem(value: Any, type_name: Callable[[Any], str] = python_type_name)
         if not isinstance(s, str) or not s:
             return f"[{i}]={quote(s)}: must be a non-empty string"
     return None
+
+
+# Sampling for a generate that does not say, where the model's generation_config.json
+# does not either. Greedy decoding with no penalty made small chat models loop
+# (SmolLM2 repeating a phrase until stopped); the top-p, top-k and repetition penalty
+# are the kind local runners default to (Ollama, LM Studio), and the temperature is
+# lower than their 0.8 because small models lose facts when sampled hot: on SmolLM2's
+# chat answers to short factual questions (tools/bench_sampling.py, recorded in
+# docs/bench_sampling.json) 0.4 kept 25 of 36 right and 0.7 only 20, none looping.
+DEFAULT_SAMPLING = {"temperature": 0.4, "top_p": 0.9, "top_k": 40, "min_p": 0.0, "repetition_penalty": 1.1}
+DEFAULTED_NAMES = tuple(DEFAULT_SAMPLING)
+
+
+def model_sampling(generation_config: Any) -> tuple[dict, list[str]]:
+    """The sampling defaults a model's generation_config.json gives, and why any of its values were dropped.
+
+    `do_sample: false` makes the model's default greedy (temperature 0; its top-p /
+    top-k do not apply, as in transformers); a value outside the rules is dropped.
+    """
+    if not isinstance(generation_config, dict):
+        return {}, []
+    found, dropped = {}, []
+    greedy = generation_config.get("do_sample") is False
+    for name in DEFAULTED_NAMES:
+        value = generation_config.get(name)
+        if value is None or (greedy and name != "repetition_penalty"):
+            continue
+        if name == "top_k" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        why = problem(name, value)
+        if why is None:
+            found[name] = value
+        else:
+            dropped.append(f"{name}={quote(value)}: {why}")
+    if greedy:
+        found["temperature"] = 0.0
+    return found, dropped
+
+
+def sampling_defaults(model: dict) -> tuple[dict, dict]:
+    """(values, sources): for each defaulted field, the model's value ("model") else DEFAULT_SAMPLING's ("default")."""
+    values = {name: model.get(name, DEFAULT_SAMPLING[name]) for name in DEFAULTED_NAMES}
+    sources = {name: "model" if name in model else "default" for name in DEFAULTED_NAMES}
+    return values, sources
+
+
+def resolve_sampling(requested: dict, defaults: dict) -> dict:
+    """The sampling fields a generate gets: the request's own, the `defaults` where it gives none.
+
+    A request that asks for temperature 0 (greedy) gets only its own fields: the
+    defaults' filters and penalty do not apply to it.
+    """
+    given = {name: requested[name] for name in SAMPLING_NAMES if requested.get(name) is not None}
+    if "temperature" in given and is_greedy(given["temperature"]):
+        return given
+    return {**defaults, **given}
 
 
 def default_max_tokens(max_new_tokens: int) -> int:

@@ -2,37 +2,37 @@
 
 Exit codes: 0 ok, 1 the daemon reported an error (or timed out), 2 usage error,
 3 no daemon reachable, 130 interrupted. Every failure is one line on stderr.
+
+Over 400 lines because it holds every command's parser and short body together, so
+one file shows the whole command; the larger pieces live beside it: which daemon
+`run` uses (daemons.py), the service (service.py), the prefill spinner (progress.py).
 """
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections import deque
-from pathlib import Path
 from typing import Optional
 
 from kakeya_protocol import SOCKET_ENV, default_socket_path
-from kakeya_protocol.params import SAMPLING_NAMES
+from kakeya_protocol import params as rules
 
+from . import daemons
 from .client import Client, GenerateStream, Session
+from .daemons import STOP_WAIT_S
 from .errors import ConnectionFailed, KakeyaError
 from .events import DoneEvent, TokensEvent
+from .progress import Spinner
 from .service import add_parser as add_service_parser
 from .wire import CLIENT_VERSION
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_INTERRUPTED = 1, 2, 3, 130
 # The CLI waits longer than the library default: a long prompt's prefill on a big model takes a while.
 DEFAULT_TIMEOUT_S = 300.0
-STOP_WAIT_S = 30.0
-SAMPLING_KEYS = ("max_tokens", *SAMPLING_NAMES, "stop")
+SAMPLING_KEYS = ("max_tokens", *rules.SAMPLING_NAMES, "stop")
 
 
 class UsageError(Exception):
@@ -66,16 +66,24 @@ def _client_options(timeout: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def _sampling_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("generation")
+    group = parent.add_argument_group(
+        "generation",
+        description=(
+            "Left out, a setting takes the model's own default (its generation_config.json), else the daemon's: "
+            + ", ".join(f"{name.replace('_', '-')} {value:g}" for name, value in rules.DEFAULT_SAMPLING.items())
+            + " (`kakeya status` shows those in force). --temperature 0 decodes greedily, with only the settings "
+            "given here."
+        ),
+    )
     add = group.add_argument
     add("--max-tokens", type=int, metavar="N", help="most tokens to generate (default: the daemon's, 256)")
-    add("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default: 0)")
-    add("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (default: 1)")
-    add("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens; 0 is off (default: 0)")
-    add("--min-p", type=float, metavar="P", help="drop tokens below P x the likeliest one's probability (default: 0)")
-    add("--repetition-penalty", type=float, metavar="X", help="penalize recently seen tokens; 1 is off (default: 1)")
-    add("--frequency-penalty", type=float, metavar="X", help="lower a token per time this reply used it (default: 0)")
-    add("--presence-penalty", type=float, metavar="X", help="lower every token this reply used (default: 0)")
+    add("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy")
+    add("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1]; 1 is off")
+    add("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens; 0 is off")
+    add("--min-p", type=float, metavar="P", help="drop tokens below P x the likeliest one's probability; 0 is off")
+    add("--repetition-penalty", type=float, metavar="X", help="penalize recently seen tokens; 1 is off")
+    add("--frequency-penalty", type=float, metavar="X", help="lower a token per time this reply used it; 0 is off")
+    add("--presence-penalty", type=float, metavar="X", help="lower every token this reply used; 0 is off")
     add("--seed", type=int, metavar="N", help="seed for sampling, for reproducible output")
     add("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (it is not printed); repeatable")
     return parent
@@ -117,16 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "run",
-        parents=[timeout, sampling],
-        help="one-shot: start a private daemon, generate, stop it (nothing needs to be running)",
+        parents=[client, sampling],
+        help="one-shot: generate with the running daemon, else with a private one (nothing needs to be running)",
         description=(
-            "Start a private daemon on a temporary socket, show its progress while the model loads, "
-            "generate like `kakeya generate`, then shut the daemon down."
+            "Generate like `kakeya generate`, with the daemon that answers on the socket when it serves the model "
+            "asked for; else start a private daemon on a temporary socket, show its progress while the model "
+            "loads, generate, then shut it down. Which one is used is said on stderr."
         ),
     )
     p.add_argument(
         "--model",
-        help="model to load: a Hugging Face-layout folder, a hub repo id in the local cache, or smollm2 (default: the daemon's)",
+        help="model to use: a Hugging Face-layout folder, a GGUF file, a hub repo id, or smollm2 "
+        "(default: the running daemon's, else smollm2)",
     )
     _prompt_options(p)
     p.set_defaults(func=cmd_run)
@@ -239,7 +249,12 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_serve(args) -> int:
-    from kakeya_daemon.server import main as serve_main  # here, not at the top: the daemon imports MLX
+    if importlib.util.find_spec("kakeya_daemon") is None:
+        raise UsageError(
+            f"the daemon (kakeya-mlx) is not installed for {sys.executable}: this is the client alone; "
+            "install kakeya-mlx to serve a model here"
+        )
+    from kakeya_daemon.server import main as serve_main  # here, not at the top: the daemon's own imports
 
     return serve_main(args.extra)
 
@@ -289,12 +304,12 @@ def _generate(client: Client, args, prompt: str) -> int:
     try:
         if args.chat or args.system is not None:
             messages = [{"role": "system", "content": args.system}] if args.system is not None else []
-            session.append(messages=messages + [{"role": "user", "content": prompt}])
+            appended = session.append(messages=messages + [{"role": "user", "content": prompt}])
         else:
-            session.append(text=prompt)
+            appended = session.append(text=prompt)
         stream = session.generate(**_sampling(args), constraint=constraint)
         show = None if args.json else _print_text
-        text, tokens, interrupted = _consume(stream, show)
+        text, tokens, interrupted = _consume(stream, show, _prefill_spinner(appended))
         done = stream.done
     finally:
         with contextlib.suppress(KakeyaError):
@@ -313,24 +328,40 @@ def _print_text(text: str) -> None:
     sys.stdout.flush()
 
 
-def _consume(stream: GenerateStream, show) -> tuple[str, list[int], bool]:
-    """Read a stream to its done event; Ctrl-C cancels the generation and reads on to the end."""
+def _prefill_spinner(appended: dict) -> Spinner:
+    n = appended["appended"]
+    return Spinner(f"reading the prompt ({n} token{'s' if n != 1 else ''})")
+
+
+def _consume(stream: GenerateStream, show, spinner: Optional[Spinner] = None) -> tuple[str, list[int], bool]:
+    """Read a stream to its done event; Ctrl-C cancels the generation and reads on to the end.
+
+    `spinner` runs (on a terminal) until the first event: while the prompt is prefilled.
+    """
     chunks, tokens, interrupted = [], [], False
-    while True:
-        try:
-            for event in stream:
-                if isinstance(event, TokensEvent):
-                    chunks.append(event.text)
-                    tokens.extend(event.tokens)
-                    if show is not None and event.text:
-                        show(event.text)
-            break
-        except KeyboardInterrupt:
-            if interrupted:  # a second Ctrl-C: stop waiting; closing the connection ends the generation
-                stream.client.close()
-                raise
-            interrupted = True
-            stream.cancel()
+    if spinner is not None:
+        spinner.start()
+    try:
+        while True:
+            try:
+                for event in stream:
+                    if spinner is not None:
+                        spinner.stop()
+                    if isinstance(event, TokensEvent):
+                        chunks.append(event.text)
+                        tokens.extend(event.tokens)
+                        if show is not None and event.text:
+                            show(event.text)
+                break
+            except KeyboardInterrupt:
+                if interrupted:  # a second Ctrl-C: stop waiting; closing the connection ends the generation
+                    stream.client.close()
+                    raise
+                interrupted = True
+                stream.cancel()
+    finally:
+        if spinner is not None:
+            spinner.stop()
     return "".join(chunks), tokens, interrupted
 
 
@@ -351,111 +382,17 @@ def _done_dict(done: Optional[DoneEvent]) -> Optional[dict]:
 
 def cmd_run(args) -> int:
     prompt = _read_prompt(args)
-    with _private_daemon(args.model, args.timeout) as client:
+    client = daemons.running_daemon(args.socket, args.model, args.timeout)
+    if client is not None:
+        with client:
+            return _generate(client, args, prompt)
+    if importlib.util.find_spec("kakeya_daemon") is None:
+        raise ConnectionFailed(
+            f"no kakeya daemon answers at {args.socket or default_socket_path()}, and none can be started here: "
+            f"the daemon (kakeya-mlx) is not installed for {sys.executable}; install it, or start a daemon elsewhere"
+        )
+    with daemons.private_daemon(args.model, args.timeout) as client:
         return _generate(client, args, prompt)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _private_daemon(model: Optional[str], timeout: float):
-    """Start `python -m kakeya_daemon` on a private socket, yield a connected Client, shut it down after."""
-    tmp = Path(tempfile.mkdtemp(prefix="kakeya-run-"))
-    sock = tmp / "kakeya.sock"
-    # Its session is throwaway: kept in a store of its own, not saved when it stops.
-    cmd = [sys.executable, "-m", "kakeya_daemon", "--socket", str(sock), "--store-dir", str(tmp / "sessions"),
-           "--stop-save-s", "0"] + (["--model", model] if model else [])
-    # Own process group: Ctrl-C reaches only us, and we cancel and shut the daemon down in order.
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    log = _DaemonLog(proc)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    client = None
-    try:
-        client = _wait_until_serving(proc, sock, timeout, log)
-        yield client
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        asked = False
-        if client is not None:
-            with contextlib.suppress(KakeyaError):
-                client.shutdown()
-                asked = True
-            client.close()
-        _stop_process(proc, asked)
-        log.join()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _DaemonLog:
-    """Copies the daemon's stderr to ours while it loads (progress bars included); keeps a tail after."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.tail: deque[bytes] = deque(maxlen=64)
-        self.showing = True
-        self._proc = proc
-        self._thread = threading.Thread(target=self._copy, daemon=True)
-        self._thread.start()
-
-    def _copy(self) -> None:
-        fd = self._proc.stderr.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.tail.append(chunk)
-            if self.showing:
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.buffer.write(chunk)
-                    sys.stderr.flush()
-
-    def quiet(self) -> None:
-        self.showing = False
-
-    def last_line(self) -> str:
-        lines = b"".join(self.tail).decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else ""
-
-    def join(self) -> None:
-        self._thread.join(timeout=5)
-        self._proc.stderr.close()
-
-
-def _wait_until_serving(proc: subprocess.Popen, sock: Path, timeout: float, log: _DaemonLog) -> Client:
-    while True:
-        if proc.poll() is not None:
-            log.join()
-            why = " (its log is above)" if log.showing else f": {log.last_line() or 'no output'}"
-            raise KakeyaError(f"the daemon exited with code {proc.returncode} before serving{why}")
-        if sock.exists():
-            log.quiet()  # loaded: from here on its log would only interleave with the reply
-            try:
-                return Client(sock, timeout=timeout)
-            except ConnectionFailed:
-                pass  # bound but not listening yet
-        time.sleep(0.05)
-
-
-def _stop_process(proc: subprocess.Popen, asked: bool) -> None:
-    """Wait for a daemon that was asked to shut down; SIGTERM (a graceful stop too), then SIGKILL, if it lingers."""
-    steps = [(proc.terminate, 10.0), (proc.kill, 10.0)]
-    if asked:
-        steps.insert(0, (None, STOP_WAIT_S))
-    for stop, wait in steps:
-        if stop is not None:
-            with contextlib.suppress(ProcessLookupError):
-                stop()
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def cmd_chat(args) -> int:
@@ -548,10 +485,10 @@ class _Chat:
         if not self.started and self.args.system is not None:
             messages.append({"role": "system", "content": self.args.system})
         messages.append({"role": "user", "content": text})
-        self.session.append(messages=messages)
+        appended = self.session.append(messages=messages)
         self.started = True
         stream = self.session.generate(**_sampling(self.args))
-        _, _, interrupted = _consume(stream, _print_text)
+        _, _, interrupted = _consume(stream, _print_text, _prefill_spinner(appended))
         print()
         if interrupted:
             print("(stopped)", file=sys.stderr)
@@ -565,7 +502,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps({"server": hello, "stats": stats}, indent=2))
         return 0
-    model, limits = hello.get("model", {}), hello.get("limits", {})
+    model, limits, http = hello.get("model", {}), hello.get("limits", {}), hello.get("http", {})
     sessions, gens, tokens = stats["sessions"], stats["generations"], stats["tokens"]
     memory, rates = stats["memory"], stats["tokens_per_s"]
     rejections = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("rejections", {}).items())) or "none"
@@ -577,6 +514,8 @@ def cmd_status(args) -> int:
         f"{model.get('num_layers')} layers, vocab {model.get('vocab_size')})",
         f"cache:       sink {model.get('sink')} + window {model.get('window')}, block {model.get('block')}, "
         f"{_size(model.get('kv_bytes_per_token', 0))} per token",
+        f"sampling:    {_defaults_text(hello.get('generation_defaults', {}))}",
+        f"http:        {', '.join(http.get('urls', [])) if http.get('enabled') else 'off'}",
         f"sessions:    {sessions['active']} of {sessions['max']} "
         f"(evicted: {sessions['evicted_idle']} idle, {sessions['evicted_lru']} for memory)",
         *_store_lines(stats.get("store"), sessions.get("stored", 0)),
@@ -706,6 +645,19 @@ def cmd_stop(args) -> int:
 
 
 # ---- formatting ------------------------------------------------------------
+
+
+def _defaults_text(defaults: dict) -> str:
+    """What a generate that leaves settings out gets, e.g. 'temperature 0.4, top_p 0.9 (model), ...'."""
+    if not defaults:
+        return "unknown (an older daemon)"
+    sources = defaults.get("sources", {})
+    parts = [
+        f"{name} {defaults[name]:g}" + (" (model)" if sources.get(name) == "model" else "")
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        if name in defaults
+    ]
+    return ", ".join(parts) + f"; max_tokens {defaults.get('max_tokens')}"
 
 
 def _size(n: float) -> str:

@@ -4,6 +4,9 @@ The service files come from the templates shipped in kakeya_client/templates/
 (ai.kakeya.mlx.plist and kakeya.service), filled in at install time with the
 absolute path of the running interpreter and the daemon's arguments.
 Standard library only: the client package never imports MLX.
+
+Over 400 lines because two service managers (launchd and systemd --user) each need
+install, uninstall, status and a dry run, and they share the argument handling here.
 """
 
 import argparse
@@ -23,8 +26,9 @@ from typing import Any, Callable, Optional
 
 DEFAULT_LABEL = "ai.kakeya.mlx"
 DEFAULT_UNIT = "kakeya"
-# The daemon's bundled default model (kakeya_mlx.loader.DEFAULT_MODEL, not imported: it pulls in MLX).
-DEFAULT_MODEL = "smollm2"
+# The daemon's bundled default model and the name it is served under (kakeya_mlx.locate's
+# DEFAULT_MODEL and DEFAULT_MODEL_NAME, spelled out: the client does not depend on the engine).
+DEFAULT_MODEL, DEFAULT_MODEL_NAME = "smollm2", "SmolLM2-135M-Instruct"
 PLATFORMS = ("launchd", "systemd", "none")
 PLATFORM_ENV = "KAKEYA_SERVICE_PLATFORM"
 PLIST_TEMPLATE = "ai.kakeya.mlx.plist"
@@ -495,6 +499,10 @@ def install(args: argparse.Namespace) -> int:
     platform, reason = detect_platform()
     socket = os.path.abspath(os.path.expanduser(args.socket)) if args.socket else _default_socket()
     arguments = program_arguments(args.model, socket, args.extra_arg or [])
+    if platform == "none" and args.dry_run:
+        # Nothing is written: show what would be, for the manager this OS usually runs.
+        platform = "launchd" if sys.platform == "darwin" else "systemd"
+        print(f"# no service manager here ({reason}); on a system running {platform}:", file=sys.stderr)
     if platform == "none":
         return _no_manager(reason, arguments)
     do = launchd_install if platform == "launchd" else systemd_install

@@ -10,7 +10,7 @@ from kakeya_protocol import PROTOCOL_VERSION, default_socket_path
 from .errors import InvalidArgument
 
 try:
-    CLIENT_VERSION = metadata.version("kakeya-mlx")
+    CLIENT_VERSION = metadata.version("kakeya-client")
 except metadata.PackageNotFoundError:  # running from a source tree that was never installed
     CLIENT_VERSION = "0+unknown"
 CLIENT_NAME = f"kakeya-python/{CLIENT_VERSION}"

@@ -16,6 +16,7 @@ import pytest
 from kakeya_daemon.server import running_daemon
 from kakeya_protocol import encode_frame
 from test_daemon import (  # noqa: F401  (fixtures)
+    HANG_GUARD_S,
     LONG,
     PROMPT,
     RawClient,
@@ -66,6 +67,12 @@ async def test_a_client_that_never_reads_is_read_no_faster_than_it_is_answered(c
         text = "many words " * 10000  # ~110 KB a request; each reply is some 10k token ids
         frames = [greedy.request("tokenize", text=text) for _ in range(sent)]
         greedy.writer.write(b"".join(encode_frame(f) for f in frames))  # not drained: it never waits
+        # Its replies fill the socket, its requests stay in flight, and the daemon stops reading it.
+        deadline = asyncio.get_running_loop().time() + HANG_GUARD_S
+        while "reading paused" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "reading was never paused"
+            await asyncio.sleep(0.01)
+        assert setting in caplog.text
         # Another client is served while the greedy one's requests wait (it never reads a reply).
         other = await RawClient.connect(d.socket_path)
         assert (await other.result("tokenize", text="hello"))["tokens"]
@@ -76,8 +83,6 @@ async def test_a_client_that_never_reads_is_read_no_faster_than_it_is_answered(c
         greedy.writer.transport.abort()
         while d.core.counters.connections:
             await asyncio.sleep(0.01)
-        log = caplog.text
-        assert "reading paused" in log and setting in log
 
 
 async def test_a_closed_connection_takes_its_queued_work_with_it(config, endless):

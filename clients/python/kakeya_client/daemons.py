@@ -21,6 +21,10 @@ from .service import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 
 # How long a stopped daemon may take to exit before it is terminated (`kakeya stop` waits as long).
 STOP_WAIT_S = 30.0
+# The daemon's log line once it serves (kakeya_daemon.server); its log is shown up to there.
+READY_LINE = b" INFO serving "
+# Longest wait, once connected, for that line to come through the pipe.
+READY_LINE_WAIT_S = 5.0
 
 
 def running_daemon(socket_path: Optional[str], model: Optional[str], timeout: float) -> Optional[Client]:
@@ -98,6 +102,7 @@ class _DaemonLog:
     def __init__(self, proc: subprocess.Popen):
         self.tail: deque[bytes] = deque(maxlen=64)
         self.showing = True
+        self.ready = threading.Event()
         self._proc = proc
         self._thread = threading.Thread(target=self._copy, daemon=True)
         self._thread.start()
@@ -111,13 +116,19 @@ class _DaemonLog:
                 return
             if not chunk:
                 return
+            seen = (self.tail[-1] if self.tail else b"")[-len(READY_LINE) :] + chunk  # the line may straddle reads
             self.tail.append(chunk)
             if self.showing:
                 with contextlib.suppress(OSError, ValueError):
                     sys.stderr.buffer.write(chunk)
                     sys.stderr.flush()
+            if READY_LINE in seen:
+                self.showing = False  # from here on its log would only interleave with the reply
+                self.ready.set()
 
-    def quiet(self) -> None:
+    def settle(self) -> None:
+        """Once the daemon answers: show its log up to its ready line (bounded wait), then no more."""
+        self.ready.wait(READY_LINE_WAIT_S)
         self.showing = False
 
     def last_line(self) -> str:
@@ -136,11 +147,13 @@ def _wait_until_serving(proc: subprocess.Popen, sock: Path, timeout: float, log:
             why = " (its log is above)" if log.showing else f": {log.last_line() or 'no output'}"
             raise KakeyaError(f"the daemon exited with code {proc.returncode} before serving{why}")
         if sock.exists():
-            log.quiet()  # loaded: from here on its log would only interleave with the reply
             try:
-                return Client(sock, timeout=timeout)
+                client = Client(sock, timeout=timeout)
             except ConnectionFailed:
                 pass  # bound but not listening yet
+            else:
+                log.settle()
+                return client
         time.sleep(0.05)
 
 

@@ -72,7 +72,9 @@ def private_daemon(model: Optional[str], timeout: float) -> Iterator[Client]:
     sock = tmp / "kakeya.sock"
     # Its session is throwaway: kept in a store of its own, not saved when it stops.
     cmd = [sys.executable, "-m", "kakeya_daemon", "--socket", str(sock), "--store-dir", str(tmp / "sessions")]
-    cmd += ["--stop-save-s", "0"] + (["--model", model] if model else [])
+    # At least info: its start-up lines are what the terminal shows, up to READY_LINE.
+    level = "debug" if os.environ.get("KAKEYA_LOG_LEVEL", "").strip().lower() == "debug" else "info"
+    cmd += ["--stop-save-s", "0", "--log-level", level] + (["--model", model] if model else [])
     # Own process group: Ctrl-C reaches only us, and we cancel and shut the daemon down in order.
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True

@@ -57,6 +57,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import platform
+from .private_dir import private_dir_problem
 from .errors import (
     CorruptSessionError,
     InvalidArgumentError,
@@ -269,7 +270,13 @@ class SessionStore:
         self.max_bytes = max_bytes
         self.cap_name = cap_name
         self._lock = threading.Lock()
-        ensure_private_dir(self.directory)
+        # Stricter than the socket's directory: stored sessions are conversations, and their
+        # names are session ids, so other users may not even list the directory.
+        problem = private_dir_problem(
+            self.directory, "session store directory", "store directory", others_may_read=False
+        )
+        if problem is not None:
+            raise StoreDirectoryError(problem)
         self._remove_abandoned_temporaries()
 
     def path(self, name: str) -> Path:
@@ -433,35 +440,6 @@ class SessionStore:
             match = _TEMP.match(entry.name)
             if match and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
                 _unlink_quietly(Path(entry.path))
-
-
-def ensure_private_dir(directory: Path) -> None:
-    """Create `directory` with mode 0700, or check an existing one is ours and closed to others.
-
-    Stricter than a socket directory: stored sessions are conversations, and their
-    names are session ids, so other users may not even list the directory.
-    """
-    try:
-        directory.mkdir(mode=0o700, parents=True)
-        directory.chmod(0o700)  # mkdir's mode is filtered by the umask
-        return
-    except FileExistsError:
-        pass  # checked below
-    except OSError as exc:
-        raise StoreDirectoryError(f"cannot create session store directory {directory}: {exc.strerror}") from None
-    st = directory.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise StoreDirectoryError(f"session store {directory} exists and is not a directory")
-    if st.st_uid != os.getuid():
-        raise StoreDirectoryError(
-            f"session store directory {directory} belongs to uid {st.st_uid}, not to this user "
-            f"(uid {os.getuid()}); choose another store directory"
-        )
-    if st.st_mode & 0o077:
-        raise StoreDirectoryError(
-            f"session store directory {directory} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run 'chmod 700 {directory}' or choose another store directory"
-        )
 
 
 def _write_failure(name: str, directory: Path, exc: OSError) -> str:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from kakeya_mlx.private_dir import private_dir_problem
+
 log = logging.getLogger("kakeya.daemon")
 
 # sockaddr_un.sun_path holds 104 bytes on macOS and 108 on Linux, NUL included.
@@ -23,27 +25,9 @@ class StartError(Exception):
 
 def ensure_private_dir(directory: Path, option: str = "--socket") -> None:
     """Create `directory` with mode 0700, or check an existing one is ours and not writable by others."""
-    try:
-        directory.mkdir(mode=0o700, parents=True)
-        directory.chmod(0o700)  # mkdir's mode is filtered by the umask
-        return
-    except FileExistsError:
-        pass  # checked below
-    except OSError as exc:
-        raise StartError(f"cannot create socket directory {directory}: {exc.strerror}") from None
-    st = directory.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise StartError(f"socket directory {directory} exists and is not a directory")
-    if st.st_uid != os.getuid():
-        raise StartError(
-            f"socket directory {directory} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
-            f"choose another {option}"
-        )
-    if st.st_mode & 0o022:
-        raise StartError(
-            f"socket directory {directory} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run 'chmod 700 {directory}' or choose another {option}"
-        )
+    problem = private_dir_problem(directory, "socket directory", option, others_may_read=True)
+    if problem is not None:
+        raise StartError(problem)
 
 
 class SocketLock:

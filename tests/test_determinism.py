@@ -7,14 +7,15 @@ must be byte-identical. INV-1 and INV-2 are checked by the engine after every tu
 (`SinkWindowCache.check_invariants`) and again here.
 """
 
-import asyncio
 import random
 
 import mlx.core as mx
 import pytest
 
-from kakeya_mlx.engine import Engine, EngineConfig
+from kakeya_mlx.engine import Engine
 from kakeya_mlx.loader import load_model
+
+from engine_run import run_engine
 
 SINK, WINDOW, BLOCK = 4, 20, 8
 HISTORY = 4 * (SINK + WINDOW) + 13  # 109 tokens: not a multiple of the block
@@ -51,15 +52,7 @@ def loaded(make_model):
 
 
 def _run(loaded, coro_fn, **config):
-    async def main():
-        engine = Engine(loaded, EngineConfig(sink=SINK, window=WINDOW, block=BLOCK, **config))
-        await engine.start()
-        try:
-            return await coro_fn(engine)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
+    return run_engine(loaded, coro_fn, sink=SINK, window=WINDOW, block=BLOCK, **config)
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["promote-tail", "recompute-blocks"])

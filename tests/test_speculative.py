@@ -25,6 +25,8 @@ from kakeya_mlx.rope import layer_shifters
 from kakeya_mlx.sampling import Sampler, SamplingParams
 from kakeya_mlx.speculative import ForwardCosts, Policy, PromptLookup
 
+from engine_run import run_engine
+
 SINK, WINDOW, BLOCK = 4, 20, 8
 GENERATE = 3 * (SINK + WINDOW) + 7
 
@@ -51,15 +53,7 @@ def _prompt(vocab: int, n: int, seed: int, repeat: int = 1) -> list[int]:
 
 
 def _run(target, fn, draft=None, **config):
-    async def main():
-        engine = Engine(target, EngineConfig(sink=SINK, window=WINDOW, block=BLOCK, **config), draft=draft)
-        await engine.start()
-        try:
-            return await fn(engine)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
+    return run_engine(target, fn, draft, sink=SINK, window=WINDOW, block=BLOCK, **config)
 
 
 async def _generate(engine, prompt, **kw) -> tuple[DoneEvent, str]:

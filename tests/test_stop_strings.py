@@ -6,16 +6,16 @@ The session then continues exactly like a fresh session given the same history,
 also when the stop string straddled a block boundary that the window slid across.
 """
 
-import asyncio
 import dataclasses
 import random
 
 import pytest
 
-from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.events import DoneEvent, TokenEvent
 from kakeya_mlx.loader import load_model
 from kakeya_mlx.textstream import TextStream
+
+from engine_run import run_engine
 
 SINK, WINDOW, BLOCK = 4, 20, 8
 
@@ -31,15 +31,7 @@ def _prompt(vocab: int, n: int, seed: int) -> list[int]:
 
 
 def _run(loaded, fn, **config):
-    async def main():
-        engine = Engine(loaded, EngineConfig(sink=SINK, window=WINDOW, block=BLOCK, **config))
-        await engine.start()
-        try:
-            return await fn(engine)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
+    return run_engine(loaded, fn, sink=SINK, window=WINDOW, block=BLOCK, **config)
 
 
 async def _generate(engine, sid, **kw):

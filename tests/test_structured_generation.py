@@ -17,12 +17,13 @@ import pytest
 
 from kakeya_mlx.batch import forward_one
 from kakeya_mlx.cache import CacheShape, SinkWindowCache
-from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.errors import InvalidArgumentError
 from kakeya_mlx.events import DoneEvent, TokenEvent
 from kakeya_mlx.loader import load_model
 from kakeya_mlx.rope import layer_shifters
 from kakeya_mlx.sampling import SamplingParams
+
+from engine_run import run_engine
 
 SINK, WINDOW, BLOCK = 4, 40, 8
 
@@ -57,17 +58,7 @@ def draft(make_model):
 
 
 def _run(loaded, fn, draft=None, **config):
-    config = {"sink": SINK, "window": WINDOW, "block": BLOCK, **config}
-
-    async def main():
-        engine = Engine(loaded, EngineConfig(**config), draft=draft)
-        await engine.start()
-        try:
-            return await fn(engine)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(main())
+    return run_engine(loaded, fn, draft, **{"sink": SINK, "window": WINDOW, "block": BLOCK, **config})
 
 
 async def _turn(engine, prompt_text, **kw) -> tuple[list, str]:

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import random
 
+import mlx.core as mx
 import pytest
 
 from kakeya_mlx import platform
@@ -121,8 +122,6 @@ def test_batched_sessions_leave_the_same_caches_and_flat_memory(loaded):
         return results
 
     results = asyncio.run(scenario())
-    import mlx.core as mx
-
     for (h1, info1, c1), (h16, info16, c16) in zip(results[1], results[16]):
         assert h1 == h16
         assert info1["kv_bytes"] == info16["kv_bytes"]

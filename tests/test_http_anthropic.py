@@ -112,13 +112,18 @@ async def test_a_tool_round_trip_reads_the_first_turn_from_the_cache(front):
     assert second.usage.cache_read_input_tokens == first.usage.input_tokens + first.usage.output_tokens
     assert second.usage.input_tokens > 0
 
-    events = await _events(
-        front, {"messages": ASK, "tool_choice": {"type": "tool", "name": "get_weather"}, **kw, "tools": [WEATHER]}
-    )
+    # One greedy call: sampled parallel calls may run past max_tokens, and a call cut short is content.
+    named = {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    events = await _events(front, {"messages": ASK, "tool_choice": named, **kw, **GREEDY})
     blocks = [e["content_block"] for e in events if e["type"] == "content_block_start"]
     assert blocks and all(b["type"] == "tool_use" and b["name"] == "get_weather" for b in blocks)
     partial = [e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta"]
     assert [json.loads(p) for p in partial] and events[-2]["delta"]["stop_reason"] == "tool_use"
+
+    cut = await front.anthropic.messages.create(messages=ASK, tool_choice=named, **{**kw, "max_tokens": 5})
+    assert cut.stop_reason == "max_tokens" and [b.type for b in cut.content] == ["text"]
+    text = cut.content[0].text  # nothing lost: the unfinished call is the text
+    assert text and text[:11] == "<tool_call>"[: len(text)]
 
 
 async def test_stop_sequences_and_a_continued_reply(front):

@@ -17,9 +17,7 @@ generates about `--tokens` / N tokens (at least 8).
 
 import argparse
 import asyncio
-import json
 import os
-import platform as host_platform
 import shutil
 import subprocess
 import sys
@@ -27,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 
 from kakeya_client import AsyncClient
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.events import TokenEvent
 from kakeya_mlx.loader import load_model
+from tools.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -223,16 +221,12 @@ def main(argv=None) -> None:
         "ratios": ratios(results, counts),
         "setup": {
             "model": args.model,
-            "backend": str(mx.default_device()),
-            "mlx": mx.__version__,
-            "machine": f"{host_platform.machine()} {host_platform.system()}, {os.cpu_count()} cpus",
             "tokens_per_configuration": args.tokens,
             "load_average": os.getloadavg(),
             "wall_s": time.time() - started,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(f"{'path':11} {'clients':>7} {'batched tok/s':>13} {'round-robin':>11} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}")
     for path, by_mode in results.items():
         for n in counts:

@@ -17,11 +17,9 @@ and compile costs are measured for it too, as the comparison that chose the libr
 import argparse
 import importlib.util
 import json
-import platform as host_platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
@@ -31,6 +29,7 @@ from kakeya_mlx import platform
 from kakeya_mlx.constrain import Constrainer, tokenizer_json_of
 from kakeya_mlx.loader import load_model
 from tools.make_test_model import EOS_TOKEN, trained_tokenizer_json
+from tools.report import write_report
 
 ADDRESS = {
     "type": "object",
@@ -328,9 +327,6 @@ def main(argv=None) -> int:
     import llguidance
 
     result = {
-        "backend": platform.backend(),
-        "machine": f"{host_platform.system()} {host_platform.machine()}",
-        "mlx": mx.__version__,
         "llguidance": llguidance.__version__,
         "decode_model": loaded.name,
         "decode_dtype": loaded.dtype,
@@ -338,12 +334,10 @@ def main(argv=None) -> int:
         "ours": tokenizers,
         "xgrammar": xgrammar if any(xgrammar.values()) else None,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_report(result, args.out)
 
     print(
-        f"backend {result['backend']}; decode model {loaded.name} ({loaded.dtype}); llguidance {result['llguidance']}"
+        f"backend {platform.backend()}; decode model {loaded.name} ({loaded.dtype}); llguidance {result['llguidance']}"
     )
     print(
         f"decode step: plain {decode['plain_step_ms']:.1f} ms, constrained {decode['constrained_step_ms']:.1f} ms "

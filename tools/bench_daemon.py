@@ -13,7 +13,6 @@ Prints and writes JSON:
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -22,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 
 from kakeya_client import AsyncClient, TokensEvent
 from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.events import TokenEvent
 from kakeya_mlx.loader import load_model
+from tools.report import write_report
 
 PROMPT = "Once upon a time, there was a little"
 
@@ -142,8 +141,6 @@ async def main_async(args, socket: str) -> dict:
     return {
         "model": loaded.name,
         "dtype": loaded.dtype,
-        "backend": platform.backend(),
-        "mlx": mx.__version__,
         "cache": cache,
         "decode": decode,
         "round_trip": latency,
@@ -168,11 +165,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kakeya-bench-") as tmp:
         result = asyncio.run(main_async(args, str(Path(tmp) / "kakeya.sock")))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_report(result, args.out)
     d, r = result["decode"], result["round_trip"]
-    print(f"model: {result['model']} ({result['dtype']}, {result['backend']})")
+    print(f"model: {result['model']} ({result['dtype']}, {platform.backend()})")
     print(f"streamed decode tokens/s: socket {d['socket_tokens_per_s']:.2f} vs in-process "
           f"{d['engine_tokens_per_s']:.2f} -> ratio {d['ratio']:.3f} (target >= 0.97)")
     print(f"round trip (session_info): p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")

@@ -18,21 +18,21 @@ beside the others, and measured through the engine:
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 
-from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.loader import LoadedModel, load_model
 from kakeya_mlx.events import TokenEvent
 from kakeya_mlx.sampling import SamplingParams
 from kakeya_protocol import params as rules
+from tools.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF)"
 QUESTIONS = [
     ("What is the capital of France?", "paris"),
     ("What is the capital of Japan?", "tokyo"),
@@ -186,16 +186,9 @@ def main() -> int:
             f"prefill {r['prefill_tokens_per_s']:.1f} tok/s (x{ratio('prefill_tokens_per_s'):.2f})  "
             f"weights {r['weights_bytes'] / 2**20:.0f} MiB"
         )
-    write_report({"benchmark": "dtype", "runs": args.runs, "results": results}, Path(args.out))
+    report = {"benchmark": "dtype", "model": MODEL, "runs": args.runs, "results": results}
+    log(f"wrote {write_report(report, args.out)}")
     return 0
-
-
-def write_report(report: dict, out: Path) -> None:
-    """The report as JSON at `out`, with the backend and model it was measured on."""
-    report = {"backend": platform.backend(), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)", **report}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ Timings are medians over repeats, taken alternately so machine noise hits both s
 import argparse
 import asyncio
 import dataclasses
-import json
-import platform as host_platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
@@ -29,6 +26,7 @@ from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.loader import load_model
+from tools.report import write_report
 
 TURN_APPEND = 32
 TURN_GENERATE = 32
@@ -158,9 +156,6 @@ async def main_async(args) -> dict:
     return {
         "model": loaded.name,
         "dtype": loaded.dtype,
-        "backend": platform.backend(),
-        "machine": f"{host_platform.system()} {host_platform.machine()}",
-        "mlx": mx.__version__,
         "cache": {"sink": engine.shape.sink, "window": engine.shape.window, "block": engine.shape.block},
         "decode": decode,
         "turn": turns,
@@ -189,11 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/bench_engine.json", help="where to write the JSON results")
     args = p.parse_args(argv)
     result = asyncio.run(main_async(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_report(result, args.out)
     d, t = result["decode"], result["turn"]
-    print(f"model: {result['model']} ({result['dtype']}, {result['backend']})")
+    print(f"model: {result['model']} ({result['dtype']}, {platform.backend()})")
     print(f"decode tokens/s: ours {d['ours_tokens_per_s']:.2f} vs mlx-lm {d['mlx_lm_tokens_per_s']:.2f} "
           f"-> ratio {d['ratio']:.3f} (target >= 0.95)")
     for h in t["histories"]:

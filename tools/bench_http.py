@@ -16,9 +16,7 @@ same time. Each repeat uses a fresh conversation, so turn 1 is always cold.
 
 import argparse
 import importlib.metadata
-import json
 import os
-import platform as host_platform
 import signal
 import socket
 import statistics
@@ -30,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import openai
+from tools.report import write_report
 
 FILLER = "The window slides, the sink stays, and the notes go on: entry {salt}.{i} records nothing new."
 
@@ -229,7 +228,6 @@ def run_bench(args) -> dict:
         "model": name,
         "dtype": dtype,
         "path": path,
-        "machine": f"{host_platform.system()} {host_platform.machine()}",
         "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("mlx", "mlx-lm", "aiohttp", "openai")},
         "cache": {"sink": args.sink, "window": args.window, "block": args.block},
         "max_tokens": args.max_tokens,
@@ -256,9 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/bench_http.json", help="where to write the JSON results")
     args = p.parse_args(argv)
     result = run_bench(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_report(result, args.out)
     print(f"model: {result['model']} ({result['dtype']}), sink+window {args.sink + args.window}, block {args.block}")
     for h in result["histories"]:
         r = result["second_turn"][str(h)]

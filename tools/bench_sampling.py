@@ -18,7 +18,8 @@ from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.loader import load_model
 from kakeya_mlx.sampling import SamplingParams
 from kakeya_protocol import params as rules
-from tools.bench_dtype import QUESTIONS, answers, log, write_report
+from tools.bench_dtype import MODEL, QUESTIONS, answers, log
+from tools.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 FILTERS = {"top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1}
@@ -57,8 +58,9 @@ def main() -> int:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     results = asyncio.run(run(args.dtype, seeds))
-    report = {"benchmark": "sampling", "dtype": args.dtype, "default_sampling": rules.DEFAULT_SAMPLING, "seeds": seeds}
-    write_report({**report, "results": results}, Path(args.out))
+    report = {"benchmark": "sampling", "model": MODEL, "dtype": args.dtype, "seeds": seeds}
+    report.update(default_sampling=rules.DEFAULT_SAMPLING, results=results)
+    log(f"wrote {write_report(report, args.out)}")
     return 0
 
 

@@ -17,17 +17,15 @@ auto policy decides from.
 
 import argparse
 import asyncio
-import json
-import platform as host_platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.loader import load_model
+from tools.report import write_report
 
 PASSAGE = (
     "The lighthouse stood at the end of the long stone pier. Every evening the keeper climbed the "
@@ -153,13 +151,9 @@ def main(argv=None) -> None:
         "tokens": args.tokens,
         "repeats": args.repeats,
         "num_draft_tokens": args.num_draft_tokens,
-        "backend": str(mx.default_device()),
-        "mlx": mx.__version__,
-        "machine": f"{host_platform.machine()} {host_platform.system()}",
         "wall_s": time.time() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(f"{'task':16} {'mode':14} {'tok/s':>7} {'ratio':>6} {'same':>5} {'accept':>7}")
     for task, entry in report["results"].items():
         print(f"{task:16} {'off':14} {entry['plain_tokens_per_s']:7.2f} {1.0:6.2f}")

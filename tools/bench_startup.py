@@ -33,6 +33,7 @@ from typing import Optional
 
 from kakeya_client import Client, ConnectionFailed
 from kakeya_mlx import platform
+from tools.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = (".", "protocol", "daemon", "clients/python")
@@ -183,9 +184,7 @@ def main() -> int:
         "runs": args.runs,
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     print(json.dumps({k: {m: round(v[m], 3) for m in ("reference", "ours", "ratio")} for k, v in results.items()}))
     log(f"wrote {out}")
     return 0

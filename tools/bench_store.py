@@ -14,15 +14,12 @@ a temporary directory.
 
 import argparse
 import asyncio
-import json
-import platform as host_platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
 
 from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
@@ -30,6 +27,7 @@ from kakeya_mlx.events import TokenEvent
 from kakeya_mlx.loader import load_model
 from kakeya_mlx.store import SessionStore
 from tools.bench_engine import filler_tokens
+from tools.report import write_report
 
 SPEEDUP_MIN = 5.0
 FLAT_MAX = 1.15
@@ -131,10 +129,7 @@ async def measure(args, engine: Engine, loaded, tok, store: SessionStore) -> dic
     return {
         "model": loaded.name,
         "dtype": loaded.dtype,
-        "backend": platform.backend(),
-        "machine": f"{host_platform.system()} {host_platform.machine()}",
         "note": "one run on a shared 2-core machine; other work ran at the same time",
-        "mlx": mx.__version__,
         "cache": {"sink": engine.shape.sink, "window": engine.shape.window, "block": engine.shape.block},
         "turn_tokens": args.turn_tokens,
         "restore_repeats": args.repeats,
@@ -166,10 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/bench_store.json", help="where to write the JSON results")
     args = p.parse_args(argv)
     result = asyncio.run(main_async(args))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"model: {result['model']} ({result['dtype']}, {result['backend']}); cache {result['cache']}")
+    out = write_report(result, args.out)
+    print(f"model: {result['model']} ({result['dtype']}, {platform.backend()}); cache {result['cache']}")
     print(f"fingerprint of the model files: {result['fingerprint_s'] * 1e3:.1f} ms")
     for h, r in result["histories"].items():
         print(f"history {h:>6}: {r['file_bytes'] / 1e6:.2f} MB on disk, save {r['save_s']:.3f} s, "

@@ -200,7 +200,7 @@ class Generation:
         if mode in ("auto", "prompt_lookup"):
             k = state.policies["prompt_lookup"].choose(k_max, spec.costs, 0.0, forced=mode != "auto")
             if k:
-                self.drafts = state.lookup.propose(self.session.history + [t0], k)
+                self.drafts = state.lookup.propose(self.session.history, t0, k)
             if self.drafts or mode == "prompt_lookup":
                 self.drafter = "prompt_lookup"
                 return self._constrain_drafts(t0)
@@ -324,8 +324,8 @@ class Generation:
         """How many of `fed` the target takes (the first always); sets self.bonus, the token after them."""
         sampling = self.request.sampling
         context = sampling.repetition_context
-        history = self.session.history
-        contexts = [(history + fed[: i + 1])[-context:] for i in range(len(fed))]
+        recent = self.session.history[-context:]
+        contexts = [(recent + fed[: i + 1])[-context:] for i in range(len(fed))]
         so_far = [self.generated + fed[: i + 1] for i in range(len(fed))]
         masks = self.verify_masks if self.verify_masks is not None else [None] * len(fed)
         if sampling.greedy:

@@ -4,7 +4,7 @@ Two drafters propose the next few tokens of a session:
 - prompt lookup: the tokens that followed the last n tokens (n from 4 down to 2)
   the last time they occurred anywhere in the session's history, which a
   resident session holds whole; an n-gram index keeps each lookup O(1) however
-  long the history grows;
+  long the history grows (and bounded in memory: LOOKUP_MAX_ENTRIES);
 - a draft model sharing the target's tokenizer, with its own sink+window cache
   per session that follows the target's history by the same canonical block rule.
 
@@ -33,8 +33,12 @@ MODES = rules.SPECULATIVE_MODES
 MAX_DRAFT_TOKENS = rules.MAX_DRAFT_TOKENS
 LOOKUP_MAX_NGRAM = 4
 LOOKUP_MIN_NGRAM = 2
-# Most n-grams one session's prompt-lookup index holds; past it, the oldest half is dropped.
-LOOKUP_MAX_ENTRIES = 1 << 20
+# Most n-grams one session's prompt-lookup index holds (about 110 bytes each: under 30 MB);
+# past it, only the n-grams of the newest history positions that fill half of it stay. The
+# model sees only sink + window tokens, so what followed an n-gram tens of thousands of
+# tokens back is rarely what it writes now.
+LOOKUP_MAX_ENTRIES = 1 << 18
+_NGRAM_LENGTHS = LOOKUP_MAX_NGRAM - LOOKUP_MIN_NGRAM + 1  # each position ends at most this many n-grams
 
 
 def check_mode(mode, num_draft_tokens, has_draft_model: bool) -> None:
@@ -49,37 +53,40 @@ def check_mode(mode, num_draft_tokens, has_draft_model: bool) -> None:
 
 
 class PromptLookup:
-    """An n-gram index over a growing (and occasionally cut back) token list."""
+    """An n-gram index over a session's growing (and occasionally cut back) history."""
 
     def __init__(self):
-        self._last_end: dict[tuple, int] = {}  # n-gram -> where its last earlier occurrence ends
+        self._last_end: dict[tuple, int] = {}  # n-gram -> where its last occurrence in the history ends
         self._indexed = 0  # n-grams ending before this position are indexed
 
-    def _catch_up(self, tokens: Sequence[int]) -> None:
-        if self._indexed > len(tokens):
-            self._indexed = len(tokens)  # cut back: stale entries are checked at lookup
-        # Index n-grams that have a following token: those ending at p <= len - 2.
-        for end in range(self._indexed, len(tokens) - 1):
+    def _catch_up(self, history: list[int]) -> None:
+        if self._indexed > len(history):
+            self._indexed = len(history)  # cut back: stale entries are checked at lookup
+        # Positions older than a full index's worth would be trimmed at once: skip them.
+        for end in range(max(self._indexed, len(history) - LOOKUP_MAX_ENTRIES // _NGRAM_LENGTHS), len(history)):
             for n in range(LOOKUP_MIN_NGRAM, LOOKUP_MAX_NGRAM + 1):
                 if end + 1 >= n:
-                    self._last_end[tuple(tokens[end + 1 - n : end + 1])] = end
-        self._indexed = max(self._indexed, len(tokens) - 1)
+                    self._last_end[tuple(history[end + 1 - n : end + 1])] = end
+        self._indexed = len(history)
         if len(self._last_end) > LOOKUP_MAX_ENTRIES:
-            horizon = self._indexed // 2
+            # At most half the cap stays, so the next trim is many steps away.
+            horizon = self._indexed - LOOKUP_MAX_ENTRIES // (2 * _NGRAM_LENGTHS)
             self._last_end = {k: v for k, v in self._last_end.items() if v >= horizon}
 
-    def propose(self, tokens: Sequence[int], k: int) -> list[int]:
-        """Up to k tokens that followed the longest earlier occurrence of `tokens`' last n tokens."""
-        self._catch_up(tokens)
-        length = len(tokens)
+    def propose(self, history: list[int], next_token: int, k: int) -> list[int]:
+        """Up to k tokens that followed the longest earlier occurrence of the last n tokens of
+        history + [next_token] (the history is read in place: a step costs the same however long it is)."""
+        self._catch_up(history)
+        length = len(history)
         for n in range(LOOKUP_MAX_NGRAM, LOOKUP_MIN_NGRAM - 1, -1):
-            if length < n + 1:
+            if length < n:
                 continue
-            key = tuple(tokens[length - n :])
+            key = (*history[length - n + 1 :], next_token)
             end = self._last_end.get(key)
-            if end is None or end + 1 >= length or tuple(tokens[end + 1 - n : end + 1]) != key:
+            if end is None or end >= length or tuple(history[end + 1 - n : end + 1]) != key:
                 continue
-            return list(tokens[end + 1 : min(end + 1 + k, length)])
+            follow = history[end + 1 : end + 1 + k]
+            return follow + [next_token] if len(follow) < k else follow
         return []
 
 

@@ -23,7 +23,7 @@ from kakeya_mlx.events import DoneEvent
 from kakeya_mlx.loader import load_model
 from kakeya_mlx.rope import layer_shifters
 from kakeya_mlx.sampling import Sampler, SamplingParams
-from kakeya_mlx.speculative import ForwardCosts, Policy, PromptLookup
+from kakeya_mlx.speculative import LOOKUP_MAX_ENTRIES, ForwardCosts, Policy, PromptLookup
 
 from engine_run import run_engine
 
@@ -298,14 +298,27 @@ def test_a_draft_model_with_another_tokenizer_is_refused(target, tmp_path):
 
 def test_prompt_lookup_proposes_what_followed_and_forgets_cut_history():
     lookup = PromptLookup()
-    tokens = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3]
-    assert lookup.propose(tokens, 3) == [4, 5, 9]
-    tokens += [4, 5]
-    assert lookup.propose(tokens, 2) == [9, 9]
-    del tokens[5:]  # cut back: [1, 2, 3, 4, 5]
-    assert lookup.propose(tokens, 3) == []
-    tokens += [7, 8, 4, 5]
-    assert lookup.propose(tokens, 2) == [7, 8]
+    history = [1, 2, 3, 4, 5, 9, 9, 1, 2]
+    assert lookup.propose(history, 3, 3) == [4, 5, 9]
+    history += [3, 4]
+    assert lookup.propose(history, 5, 2) == [9, 9]
+    assert lookup.propose(history, 5, 9) == [9, 9, 1, 2, 3, 4, 5]  # the run may reach the next token itself
+    del history[4:]  # cut back: [1, 2, 3, 4] and then 5
+    assert lookup.propose(history, 5, 3) == []
+    history += [5, 7, 8, 4]
+    assert lookup.propose(history, 5, 2) == [7, 8]
+
+
+def test_prompt_lookup_memory_is_bounded_and_recent_text_is_still_found():
+    rng = random.Random(3)
+    lookup = PromptLookup()
+    history = [rng.randrange(50_000) for _ in range(LOOKUP_MAX_ENTRIES // 3)]  # 3 n-grams a position: a full index
+    lookup.propose(history, 1, 2)
+    phrase = [7, 8, 9, 10, 11, 12]
+    history += [rng.randrange(50_000) for _ in range(LOOKUP_MAX_ENTRIES // 6)]
+    history += phrase + [rng.randrange(50_000) for _ in range(50)] + phrase[:3]
+    assert lookup.propose(history, phrase[3], 2) == phrase[4:]
+    assert len(lookup._last_end) <= LOOKUP_MAX_ENTRIES
 
 
 def test_the_policy_drafts_only_where_it_can_pay():

@@ -151,7 +151,8 @@ async def test_a_socket_append_into_a_pooled_http_session(qwen3_dir, sock_dir, l
 async def test_a_socket_request_on_a_session_an_http_turn_holds_is_busy(qwen3_dir, sock_dir, endless):
     async with running_daemon(http_config(qwen3_dir, sock_dir), loaded=endless) as d:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
-            body = {"prompt": "Once upon a time", "max_tokens": 300, "stream": True}
+            # Long enough to be running still when cancelled (the cap, max_new_tokens); it never gets there.
+            body = {"prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
             async with http.post(url_of(d) + "/v1/completions", json=body) as response:
                 events = sse_events(response)
                 await events.__anext__()

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny seeded models of real architectures, built once per test session."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,14 @@ from tools.make_test_model import make_test_model
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tests_session_store(tmp_path_factory):
-    """Daemon processes that tests start keep their sessions in a store of the tests', never the user's."""
+def tests_environment(tmp_path_factory):
+    """Daemon processes and commands that tests start read none of the user's settings (KAKEYA_*
+    variables, config.toml) and keep their sessions in a store of the tests', never the user's.
+    KAKEYA_HOME, where converted models are kept, is a cache, not a setting: it stays."""
     with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("KAKEYA_") and n != "KAKEYA_HOME"]:
+            patch.delenv(name)
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
         patch.setenv("KAKEYA_STORE_DIR", str(tmp_path_factory.mktemp("store")))
         yield
 

@@ -299,7 +299,7 @@ async def test_through_the_daemon_append_returns_the_ids_that_continue_the_conve
         async with AsyncClient(daemon.socket_path) as client:
             session = await client.create_session()
             first = await session.append(messages=FIRST)
-            async with session.generate(max_tokens=REPLY_TOKENS) as stream:
+            async with session.generate(max_tokens=REPLY_TOKENS, temperature=0) as stream:  # greedy: no end token
                 events = [event async for event in stream]
             second = await session.append(messages=NEXT)
             info = await session.info()

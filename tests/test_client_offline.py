@@ -383,7 +383,8 @@ def test_timeout_when_the_daemon_does_not_answer(peer):
         p.wait_for_close()
 
     p = peer(script)
-    with Client(p.path, timeout=0.2) as client:
+    with Client(p.path, timeout=HANG_GUARD_S) as client:  # the hello is answered, however slowly
+        client.timeout = 0.2
         with pytest.raises(Timeout, match="stats: no answer"):
             client.stats()
         stalled.set()
@@ -558,8 +559,9 @@ async def test_async_timeout_and_lost_connection(peer):
         p.expect("list_sessions")  # then hang up
 
     p = peer(script)
-    client = await AsyncClient.connect(p.path, timeout=0.2)
+    client = await AsyncClient.connect(p.path, timeout=HANG_GUARD_S)  # the hello is answered, however slowly
     try:
+        client.timeout = 0.2
         with pytest.raises(Timeout):
             await client.stats()
         client.timeout = HANG_GUARD_S

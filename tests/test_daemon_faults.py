@@ -301,8 +301,9 @@ async def test_process_sigterm_mid_stream_cancels_removes_socket_exits_0(qwen3_d
         assert f"another kakeya daemon is already serving {sock_dir / 'kakeya.sock'} (pid {proc.pid})" in message
         assert len(message.splitlines()) == 1
 
-        sid = await new_session(client, "Once upon a time")  # this model does not end this story on its own
-        gen = client.request("generate", session_id=sid, max_tokens=LONG)
+        sid = await new_session(client, "Once upon a time")
+        # Greedy, this model tells this story for over 2000 tokens; sampled, it may end it at any step.
+        gen = client.request("generate", session_id=sid, max_tokens=LONG, temperature=0)
         await client.send(gen)
         await client.next_frame(gen["id"])
         proc.send_signal(signal.SIGTERM)
@@ -336,7 +337,8 @@ async def test_process_sigterm_ends_an_http_stream_with_its_ending_and_exits_0(q
     proc = start_process([*process_args(qwen3_dir, sock_dir), "--http-port", str(port)], log_path)
     try:
         client = await wait_serving(proc, sock_dir / "kakeya.sock", log_path)
-        body = {"prompt": "Once upon a time", "max_tokens": LONG, "stream": True}
+        # Greedy, so that the story runs on until the signal (sampled, it may end at any step).
+        body = {"prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0, "stream": True}
         async with aiohttp.ClientSession() as http:
             async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as response:
                 lines = response.content.__aiter__()

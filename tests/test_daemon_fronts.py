@@ -151,7 +151,8 @@ async def test_a_socket_append_into_a_pooled_http_session(qwen3_dir, sock_dir, l
 async def test_a_socket_request_on_a_session_an_http_turn_holds_is_busy(qwen3_dir, sock_dir, endless):
     async with running_daemon(http_config(qwen3_dir, sock_dir), loaded=endless) as d:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
-            body = {"prompt": "Once upon a time", "max_tokens": 300, "stream": True}
+            # Long enough to be running still when cancelled (the cap, max_new_tokens); it never gets there.
+            body = {"prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
             async with http.post(url_of(d) + "/v1/completions", json=body) as response:
                 events = sse_events(response)
                 await events.__anext__()
@@ -211,24 +212,35 @@ async def test_every_http_client_error_is_a_4xx_in_the_openai_shape(qwen3_dir, s
                 assert r.status == 200
 
 
+async def _stalled_request(daemon: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection holding half a request (and nothing more), once the daemon counts it."""
+    host, port = url_of(daemon).removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+    await writer.drain()
+    await until(lambda: daemon.core.counters.http_connections == 1)
+    return reader, writer
+
+
 async def test_a_stalled_http_request_and_too_many_connections(qwen3_dir, sock_dir, loaded_qwen3, caplog):
     caplog.set_level(logging.INFO, logger="kakeya")
-    config = http_config(qwen3_dir, sock_dir, frame_timeout_s=0.2, http_max_connections=1)
-    async with running_daemon(config, loaded=loaded_qwen3) as d:
-        host, port = url_of(d).removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")  # and nothing more
-        await writer.drain()
-        await until(lambda: d.core.counters.http_connections == 1)
+    # The stalled connection must still be open when the next one comes: frame_timeout_s is left long.
+    async with running_daemon(http_config(qwen3_dir, sock_dir, http_max_connections=1), loaded=loaded_qwen3) as d:
+        _, writer = await _stalled_request(d)
         status, body = await raw_http(url_of(d), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and "http_max_connections=1" in body["error"]["message"]
-        response = await reader.read()
-        assert b" 408 " in response.split(b"\r\n")[0] and b"frame_timeout_s=0.2" in response
+        assert "http_max_connections=1" in caplog.text
         writer.close()
-        assert "frame_timeout_s=0.2" in caplog.text and "http_max_connections=1" in caplog.text
         await until(lambda: d.core.counters.http_connections == 0)
         status, _ = await raw_http(url_of(d), b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status == 200
+    async with running_daemon(http_config(qwen3_dir, sock_dir, frame_timeout_s=0.2), loaded=loaded_qwen3) as d:
+        reader, writer = await _stalled_request(d)
+        response = await reader.read()
+        assert b" 408 " in response.split(b"\r\n")[0] and b"frame_timeout_s=0.2" in response
+        writer.close()
+        assert "frame_timeout_s=0.2" in caplog.text
+        await until(lambda: d.core.counters.http_connections == 0)
 
 
 async def test_http_requests_and_generations_are_logged(qwen3_dir, sock_dir, loaded_qwen3, caplog):

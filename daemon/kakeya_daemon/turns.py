@@ -211,7 +211,12 @@ class Turn:
 
     async def __anext__(self):
         if self.stream is not None:
-            return await self.stream.__anext__()
+            event = await self.stream.__anext__()
+            if isinstance(event, DoneEvent):
+                # Free the session before the front can send `done`: a client may
+                # send its next generate the moment it reads it.
+                self._finish(event)
+            return event
         if self.done is not None and not self._replayed:  # cancelled before it started
             self._replayed = True
             return self.done

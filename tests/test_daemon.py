@@ -490,7 +490,7 @@ async def test_cancelling_a_queued_generate_ends_it_with_done_cancelled(config, 
 
 
 async def test_idle_sessions_are_closed_after_the_ttl(config, loaded_qwen3):
-    cfg = config(idle_ttl_s=0.2, idle_sweep_interval_s=0.05, eviction="destroy")
+    cfg = config(idle_ttl_s=1.0, idle_sweep_interval_s=0.05, eviction="destroy")
     async with running_daemon(cfg, loaded=loaded_qwen3) as d:
         client = await RawClient.connect(d.socket_path)
         sid = await new_session(client)
@@ -499,7 +499,7 @@ async def test_idle_sessions_are_closed_after_the_ttl(config, loaded_qwen3):
             if "error" in reply:
                 break
             await asyncio.sleep(0.05)
-        assert reply["error"]["code"] == "not_found" and "idle_ttl_s=0.2" in reply["error"]["message"]
+        assert reply["error"]["code"] == "not_found" and "idle_ttl_s=1 " in reply["error"]["message"]
         stats = await client.result("stats")
         assert stats["sessions"]["evicted_idle"] == 1 and stats["sessions"]["active"] == 0
         await client.close()

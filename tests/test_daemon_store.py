@@ -82,6 +82,8 @@ def store_files(directory) -> list[str]:
 # The working margin is measured again at each start and spreads by ~15 KB from run to run on
 # the test model: half a session's cache must exceed that, so budget tests use a larger window.
 BUDGET_SETTINGS = dict(window=120)
+# Long enough that no stall between two requests of a test spills a session it is using.
+IDLE = dict(idle_ttl_s=1.0, idle_sweep_interval_s=0.05)
 
 
 async def budget_for_one_session(loaded, sock_dir) -> int:
@@ -100,7 +102,7 @@ async def budget_for_one_session(loaded, sock_dir) -> int:
 async def test_an_idle_session_is_spilled_and_its_next_generate_restores_it_exactly(endless, sock_dir):
     steps_after = [("generate", 30), ("append", 40), ("generate", 20)]  # a generate first: its done says
     [expected] = await reference(endless, sock_dir, [(BEFORE + steps_after, 1)])
-    config = make_config("unused", sock_dir, idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    config = make_config("unused", sock_dir, **IDLE)
     async with running_daemon(config, loaded=endless) as d:
         client = await RawClient.connect(d.socket_path)
         sid = (await client.result("create_session"))["session_id"]
@@ -127,7 +129,7 @@ async def test_an_idle_session_is_spilled_and_its_next_generate_restores_it_exac
 
 async def test_a_restoring_generate_streams_its_log_probabilities_and_says_it_restored(endless, sock_dir):
     [[*_, expected]] = await reference(endless, sock_dir, [(BEFORE + [("generate", 12)], 4)])
-    config = make_config("unused", sock_dir, idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    config = make_config("unused", sock_dir, **IDLE)
     async with running_daemon(config, loaded=endless) as d:
         client = await RawClient.connect(d.socket_path)
         sid = (await client.result("create_session"))["session_id"]
@@ -164,7 +166,7 @@ async def test_memory_pressure_spills_the_least_recently_used_and_each_comes_bac
 
 
 async def test_close_and_cancel_of_a_stored_session_read_nothing_back(endless, sock_dir):
-    config = make_config("unused", sock_dir, idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    config = make_config("unused", sock_dir, **IDLE)
     async with running_daemon(config, loaded=endless) as d:
         client = await RawClient.connect(d.socket_path)
         sid = (await client.result("create_session"))["session_id"]
@@ -262,7 +264,7 @@ async def test_a_daemon_whose_store_cannot_be_opened_keeps_sessions_in_memory_an
     caplog.set_level(logging.INFO, logger="kakeya")
     blocker = sock_dir / "not-a-directory"
     blocker.write_text("")
-    config = make_config("unused", sock_dir, store_dir=str(blocker), idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    config = make_config("unused", sock_dir, store_dir=str(blocker), **IDLE)
     async with running_daemon(config, loaded=endless) as d:
         client = await RawClient.connect(d.socket_path)
         hello = await client.call("hello", protocol=1)
@@ -274,7 +276,7 @@ async def test_a_daemon_whose_store_cannot_be_opened_keeps_sessions_in_memory_an
         while "result" in gone:
             await asyncio.sleep(0.02)
             gone = await client.call("session_info", session_id=sid)
-        assert "idle_ttl_s=0.2" in gone["error"]["message"]  # destroyed, as eviction=destroy would
+        assert "idle_ttl_s=1 " in gone["error"]["message"]  # destroyed, as eviction=destroy would
         await client.close()
     assert "no session store" in caplog.text and str(blocker) in caplog.text
 
@@ -373,7 +375,7 @@ def _mend_store(directory) -> None:
 
 async def test_an_idle_session_whose_spill_fails_stays_in_memory(endless, sock_dir):
     [expected] = await reference(endless, sock_dir, [(BEFORE + AFTER, 30)])
-    config = make_config("unused", sock_dir, idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    config = make_config("unused", sock_dir, **IDLE)
     async with running_daemon(config, loaded=endless) as d:
         client = await RawClient.connect(d.socket_path)
         sid = (await client.result("create_session"))["session_id"]
@@ -415,7 +417,7 @@ async def test_a_session_memory_forces_out_while_the_store_fails_is_lost_and_req
 
 async def test_stored_sessions_are_private_and_the_http_front_never_reaches_them(endless, sock_dir):
     port = free_port()
-    config = make_config("unused", sock_dir, http_port=port, idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    config = make_config("unused", sock_dir, http_port=port, **IDLE)
     async with running_daemon(config, loaded=endless) as d:
         client = await RawClient.connect(d.socket_path)
         sid = (await client.result("create_session"))["session_id"]
@@ -446,7 +448,7 @@ async def test_stored_sessions_are_private_and_the_http_front_never_reaches_them
 async def test_both_python_clients_save_restore_and_see_a_restore(endless, sock_dir):
     from kakeya_client import AsyncClient, Client
 
-    config = make_config("unused", sock_dir, idle_ttl_s=0.2, idle_sweep_interval_s=0.05)
+    config = make_config("unused", sock_dir, **IDLE)
     async with running_daemon(config, loaded=endless) as d:
         async with AsyncClient(d.socket_path) as client:
             session = await client.create_session()

@@ -6,6 +6,7 @@ import pytest
 from kakeya_client import AsyncClient, InvalidArgument
 from kakeya_daemon.server import running_daemon
 from kakeya_mlx.loader import load_model
+from kakeya_mlx.speculative import ForwardCosts
 
 from test_daemon import config, make_config, sock_dir  # noqa: F401 (fixtures)
 from test_daemon_faults import HANG_GUARD_S, free_port, start_process
@@ -32,6 +33,8 @@ async def _generate(session, **params) -> tuple[list[int], dict]:
 
 async def test_each_mode_gives_the_plain_greedy_tokens_and_reports_its_drafts(spec_config, loaded_qwen3):
     async with running_daemon(spec_config(), loaded=loaded_qwen3) as d:
+        # Pinned GPU-like pass costs: the draft lengths (and so where lookup is tried) do not vary with load.
+        d.engine.spec.costs = ForwardCosts({n: 1.0 for n in (1, 2, 3, 5, 9, 17)})
         async with AsyncClient(d.socket_path) as client:
             assert client.server_info["model"]["draft_model"] == loaded_qwen3.name
             assert client.server_info["model"]["speculative"] == "auto"

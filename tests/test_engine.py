@@ -6,9 +6,9 @@ import subprocess
 import sys
 import textwrap
 
-import mlx.core as mx
 import pytest
 
+from kakeya_mlx import platform
 from kakeya_mlx.engine import Engine, EngineConfig
 from kakeya_mlx.errors import BusyError, InvalidArgumentError, NotFoundError
 from kakeya_mlx.events import DoneEvent, TokenEvent, TruncatedEvent
@@ -243,6 +243,7 @@ async def test_bad_input_is_rejected_and_leaves_the_session_untouched(engine, lo
         engine.generate(empty, max_tokens=5)
 
 
+@pytest.mark.skipif(platform.backend() != "cpu", reason="batch exactness is promised on the CPU backend")
 async def test_sessions_are_isolated_and_concurrent_streams_match_solo_runs(engine):
     prompts = ["Alpha beta gamma.", "One two three four five.", PROMPT]
     solo = []

@@ -213,12 +213,11 @@ async def test_every_http_client_error_is_a_4xx_in_the_openai_shape(qwen3_dir, s
 
 
 async def _stalled_request(daemon: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection holding half a request (and nothing more), once the daemon counts it."""
+    """A connection holding half a request (and nothing more)."""
     host, port = url_of(daemon).removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
     await writer.drain()
-    await until(lambda: daemon.core.counters.http_connections == 1)
     return reader, writer
 
 
@@ -227,6 +226,7 @@ async def test_a_stalled_http_request_and_too_many_connections(qwen3_dir, sock_d
     # The stalled connection must still be open when the next one comes: frame_timeout_s is left long.
     async with running_daemon(http_config(qwen3_dir, sock_dir, http_max_connections=1), loaded=loaded_qwen3) as d:
         _, writer = await _stalled_request(d)
+        await until(lambda: d.core.counters.http_connections == 1)
         status, body = await raw_http(url_of(d), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and "http_max_connections=1" in body["error"]["message"]
         assert "http_max_connections=1" in caplog.text

@@ -10,13 +10,13 @@ connection stays open; afterwards the daemon still serves.
 import asyncio
 import contextlib
 import random
-import struct
 from collections import Counter
 
 import msgpack
 import pytest
 
 from kakeya_daemon.server import running_daemon
+from kakeya_protocol import FrameDecoder, encode_frame, parse_server_message
 
 from test_daemon import HANG_GUARD_S, config, sock_dir  # noqa: F401 (fixtures)
 
@@ -73,17 +73,23 @@ class Connection:
         self.closing = False
 
     async def open(self, path: str) -> None:
-        self.reader, self.writer = await asyncio.open_unix_connection(path, limit=1 << 26)
+        self.reader, self.writer = await asyncio.open_unix_connection(path)
         self.reading = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
+        decoder = FrameDecoder()
         try:
-            while True:
-                (n,) = struct.unpack(">I", await self.reader.readexactly(4))
-                self._check(msgpack.unpackb(await self.reader.readexactly(n), strict_map_key=False))
-        except (asyncio.IncompleteReadError, ConnectionResetError):
-            if not self.closing:
-                self.problems.append(f"connection closed with {sorted(self.pending.values())} in flight")
+            while data := await self.reader.read(1 << 16):
+                for frame in decoder.feed(data):
+                    parse_server_message(frame)  # a frame of a valid shape
+                    self._check(frame)
+        except ConnectionResetError:
+            pass
+        except Exception as exc:  # a frame the codec refuses
+            self.problems.append(f"unreadable frame: {exc!r}")
+            return
+        if not self.closing:
+            self.problems.append(f"connection closed with {sorted(self.pending.values())} in flight")
 
     def _check(self, frame: dict) -> None:
         rid = frame.get("id")
@@ -129,8 +135,7 @@ class Connection:
     def send(self, method: str, params) -> None:
         rid, self.next_id = self.next_id, self.next_id + 1
         self.pending[rid] = method
-        body = msgpack.packb({"id": rid, "method": method, "params": params})
-        self.writer.write(struct.pack(">I", len(body)) + body)
+        self.writer.write(encode_frame({"id": rid, "method": method, "params": params}))
 
     def plausible(self) -> tuple[str, object]:
         """A request that is often valid; one value in several is broken."""
